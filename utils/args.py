@@ -1,0 +1,229 @@
+"""Command-line arguments of every script, as dataclasses parsed by HfArgumentParser.
+
+Flags keep the names of the Alpaca-CoT README (`--model_type`, `--data`, `--lora_r`,
+`--per_gpu_train_batch_size`, `--epochs`, ...) so its commands keep working. Any script also takes a
+YAML/JSON config file (`script.py config.yaml` or `--config config.yaml`); flags given on the command
+line override the file. Unknown flags and unknown config keys are errors, never silently ignored.
+"""
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+from utils.errors import UserError
+from utils.models import MODEL_TYPES, EMBEDDED_ALIAS
+from utils.peft_methods import PEFT_TYPES
+
+
+@dataclass
+class ModelArguments:
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Model family: one of {', '.join(MODEL_TYPES)}. Inferred from the "
+                          "checkpoint's config when omitted."})
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Hub id or local directory of the base model. Default: the embedded "
+                          f"SmolLM2-135M-Instruct ('{EMBEDDED_ALIAS}'), which needs no network."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the checkpoint's own Python code to run (off by default)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16.",
+                  "choices": ["auto", "float32", "bfloat16", "float16"]})
+
+
+@dataclass
+class DataArguments:
+    data: list[str] = field(
+        default_factory=lambda: ["arith_sample"],
+        metadata={"help": "One or more dataset names from data/registry.yaml or paths to .json/.jsonl "
+                          "files. Default: the bundled arith_sample."})
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training example."})
+    val_set_size: float = field(
+        default=0, metadata={"help": "Held-out rows for validation: a count (>= 1) or a fraction (< 1)."})
+    template: Optional[str] = field(
+        default=None,
+        metadata={"help": "Prompt template (alpaca, vicuna, chatml, chat = the tokenizer's own chat "
+                          "template). Default: the model type's template."})
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also compute the loss on prompt tokens (default: response only)."})
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Load and convert the data, print statistics and one rendered example with the "
+                          "trained span marked, then exit."})
+
+
+@dataclass
+class PeftArguments:
+    peft_type: str = field(
+        default="lora", metadata={"help": f"Parameter-efficient method: one of {', '.join(PEFT_TYPES)}."})
+    lora_r: Optional[int] = field(default=None, metadata={"help": "LoRA rank (preset default: 8)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (preset default: 16)."})
+    lora_dropout: Optional[float] = field(default=None, metadata={"help": "LoRA dropout (preset default: 0.05)."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Module names to adapt. Default: the model type's targets."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where the adapter, metadata, plot and metrics go. "
+                                        "Default: saved_models/<model_type>_<peft_type>."})
+    per_gpu_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    epochs: float = field(default=3, metadata={"help": "Training epochs (ignored when --max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use --epochs)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "HF scheduler name (linear, cosine, constant, ...)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
+    save_steps: int = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Keep at most N checkpoints."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: --save_steps)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, init, split)."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint directory to resume from."})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb."})
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size."})
+
+
+@dataclass
+class InferArguments:
+    lora_dir: Optional[str] = field(
+        default=None, metadata={"help": "Output directory of uniform_finetune.py; base model, model type and "
+                                        "template are read from its metadata."})
+    prompt: Optional[str] = field(default=None, metadata={"help": "Answer this prompt and exit "
+                                                                   "(default: interactive chat)."})
+    system: Optional[str] = field(default=None, metadata={"help": "System prompt."})
+    template: Optional[str] = field(default=None, metadata={"help": "Template for a base model without "
+                                                                     "--lora_dir (default: the model type's)."})
+
+
+@dataclass
+class MergeArguments:
+    lora_dir: str = field(default=None, metadata={"help": "Adapter directory written by uniform_finetune.py."})
+    merged_dir: str = field(default=None, metadata={"help": "Where the standalone merged model is written."})
+
+
+@dataclass
+class PredictArguments:
+    lora_dir: Optional[str] = field(default=None, metadata={"help": "Adapter directory (omit for the base model)."})
+    data: str = field(default=None, metadata={"help": "Dataset name or file of prompts (rows may carry outputs)."})
+    result_dir: str = field(default=None, metadata={"help": "Directory for predictions.jsonl."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts generated together."})
+
+
+@dataclass
+class ServeArguments:
+    lora_dir: Optional[list[str]] = field(default=None, metadata={"help": "One or more adapter directories to serve."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (default: this machine only)."})
+    port: int = field(default=8000, metadata={"help": "TCP port."})
+    api_key: Optional[str] = field(default=None, metadata={"help": "Require this bearer token (server.py)."})
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line and exit 2, with no prefix abbreviations."""
+
+    def error(self, message):
+        raise UserError(f"{message} (run with --help to see the valid flags)")
+
+
+def _flag_names(parser):
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _load_config(path):
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist; pass the path of a YAML or JSON file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        cfg = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} "
+                        f"({str(exc).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    return cfg
+
+
+def parse(dataclass_types, argv=None, prog=None):
+    """Parse argv (default sys.argv[1:]) into instances of dataclass_types.
+
+    A first positional argument ending in .yaml/.yml/.json, or `--config FILE`, supplies defaults that
+    the other flags override.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(dataclass_types, prog=prog, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of flag values; flags override it.")
+    config = None
+    if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
+        config = argv.pop(0)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file path")
+        config = argv[i + 1]
+        del argv[i:i + 2]
+    if config:
+        known = {f.name for dt in dataclass_types for f in fields(dt)}
+        cfg = _load_config(config)
+        unknown = [k for k in cfg if k not in known]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            raise UserError(f"config file {config} has an unknown key '{unknown[0]}'"
+                            + (f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid keys"))
+        parser.set_defaults(**cfg)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        bad = remaining[0]
+        hint = difflib.get_close_matches("--" + bad.lstrip("-").split("=")[0], _flag_names(parser), n=1)
+        msg = f"unknown argument '{bad}'"
+        msg += f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid flags"
+        raise UserError(msg)
+    return parsed[:len(dataclass_types)]  # drop the namespace that holds --config
+
+
+def parse_finetune_args(argv=None):
+    return parse((ModelArguments, DataArguments, PeftArguments, TrainArguments), argv, "uniform_finetune.py")
+
+
+def parse_merge_args(argv=None):
+    model, merge = parse((ModelArguments, MergeArguments), argv, "merge.py")
+    if not merge.lora_dir or not merge.merged_dir:
+        raise UserError("merge.py needs --lora_dir (a finished run) and --merged_dir (where to write the model)")
+    return model, merge
+
+
+def parse_predict_args(argv=None):
+    model, predict, gen = parse((ModelArguments, PredictArguments, GenerationArguments), argv, "predict.py")
+    if not predict.data or not predict.result_dir:
+        raise UserError("predict.py needs --data (a dataset name or file) and --result_dir (where to write predictions)")
+    return model, predict, gen
+
+
+def parse_serve_args(argv=None, prog="server.py"):
+    return parse((ModelArguments, ServeArguments, GenerationArguments), argv, prog)
+
+
+def parse_generate_args(argv=None):
+    return parse((ModelArguments, InferArguments, GenerationArguments), argv, "generate.py")

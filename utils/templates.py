@@ -1,0 +1,225 @@
+"""Prompt templates: ONE object renders a conversation for training and for inference.
+
+A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": str}.
+A template turns it into segments (text, trainable); each segment is tokenized on its own and the ids
+concatenated, so the prompt a model sees at inference is token-for-token the prompt it was trained on.
+
+Two kinds:
+- "format": fixed strings around each turn (alpaca, vicuna, chatml), EOS appended to each answer;
+- "chat": the tokenizer's own Jinja chat template (`apply_chat_template`), stored verbatim.
+The template used for training is written to `template.json` beside the adapter and read back by every
+inference script, so there is never a second copy to drift.
+"""
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from utils.errors import UserError
+
+ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                       "further context. Write a response that appropriately completes the request.")
+ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+
+@dataclass
+class Template:
+    name: str
+    kind: str                               # "format" or "chat"
+    system_format: str = "{content}"        # format kind: how a system prompt is written
+    user_format: str = "{content}"          # format kind: a user turn, ending with the answer cue
+    user_input_format: Optional[str] = None  # format kind: a user turn that carries a separate "input"
+    assistant_format: str = "{content}"     # format kind: an answer (EOS is appended as a token)
+    turn_separator: str = ""                # format kind: between an answer and the next user turn
+    default_system: Optional[str] = None
+    default_system_input: Optional[str] = None  # default system prompt when the first turn has an input
+    chat_template: Optional[str] = None     # chat kind: the Jinja source
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Template":
+        return cls(**json.loads(text))
+
+    # ---- rendering -------------------------------------------------------------------------------
+    def segments(self, messages, add_generation_prompt=False, tokenizer=None):
+        """Return [(text, trainable)] for the conversation; trainable = an assistant answer."""
+        _check_messages(messages, add_generation_prompt)
+        if self.kind == "chat" or not self.user_input_format:
+            messages = [_fold_input(m) for m in messages]
+        if self.kind == "chat":
+            return self._chat_segments(messages, add_generation_prompt, tokenizer)
+        segs = []
+        has_input = any(m.get("input") for m in messages if m["role"] == "user")
+        default = self.default_system_input if has_input and self.default_system_input else self.default_system
+        system = next((m["content"] for m in messages if m["role"] == "system"), default)
+        if system:
+            segs.append((self.system_format.format(content=system), False))
+        answered = False
+        for m in messages:
+            if m["role"] == "user":
+                fmt = self.user_input_format if m.get("input") else self.user_format
+                text = fmt.format(content=m["content"], input=m.get("input", ""))
+                segs.append(((self.turn_separator if answered else "") + text, False))
+            elif m["role"] == "assistant":
+                segs.append((self.assistant_format.format(content=m["content"]), True))
+                answered = True
+        return _merge(segs)
+
+    def _render(self, tokenizer, messages, add_generation_prompt):
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raises template-defined errors (e.g. role order)
+            raise UserError(f"the chat template of '{self.name}' rejected this conversation ({exc}); "
+                            "check the roles or pick another --template") from None
+
+    def _chat_segments(self, messages, add_generation_prompt, tokenizer):
+        if tokenizer is None:
+            raise ValueError("a chat template needs the tokenizer to render")
+        segs, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._render(tokenizer, messages[:i], True)
+            full = self._render(tokenizer, messages[:i + 1], False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise UserError(f"the chat template of '{self.name}' rewrites earlier turns, so answers cannot "
+                                "be masked turn by turn; pick a format template with --template")
+            segs.append((prompt[len(done):], False))
+            answer = full[len(prompt):]
+            cut = _answer_end(answer, m["content"], tokenizer)
+            segs.append((answer[:cut], True))
+            if answer[cut:]:
+                segs.append((answer[cut:], False))
+            done = full
+        if add_generation_prompt or not segs:
+            prompt = self._render(tokenizer, messages, add_generation_prompt)
+            if not prompt.startswith(done):
+                raise UserError(f"the chat template of '{self.name}' rewrites earlier turns; pick another --template")
+            segs.append((prompt[len(done):], False))
+        return _merge(segs)
+
+    # ---- tokenization ----------------------------------------------------------------------------
+    def encode(self, tokenizer, messages, add_generation_prompt=False, train_on_inputs=False):
+        """Return (input_ids, labels); labels are -100 on every token that is not part of an answer."""
+        input_ids, labels = list(self._prefix_ids(tokenizer)), []
+        labels = [-100] * len(input_ids)
+        for text, trainable in self.segments(messages, add_generation_prompt, tokenizer):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if trainable and self.kind == "format" and tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            input_ids += ids
+            labels += ids if (trainable or train_on_inputs) else [-100] * len(ids)
+        return input_ids, labels
+
+    def prompt_ids(self, tokenizer, messages):
+        """Token ids of the prompt for the next answer (the conversation must end with a user turn)."""
+        return self.encode(tokenizer, messages, add_generation_prompt=True)[0]
+
+    def stop_token_ids(self, tokenizer):
+        """Tokens that end an answer: EOS plus the chat template's end-of-turn token."""
+        stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        if self.kind == "chat":
+            msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+            answer = self.segments(msgs, tokenizer=tokenizer)
+            tail = [t for t, trainable in answer if trainable][-1]
+            after = tail[tail.rfind("y") + 1:]
+            ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+            if ids and ids[0] not in stops:
+                stops.append(ids[0])
+        return stops
+
+    def _prefix_ids(self, tokenizer):
+        """BOS (or other leading specials) the tokenizer adds itself; chat templates write their own."""
+        if self.kind == "chat":
+            return []
+        with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+        without = tokenizer("a", add_special_tokens=False)["input_ids"]
+        n = len(with_sp) - len(without)
+        return with_sp[:n] if n > 0 and with_sp[n:n + len(without)] == without else []
+
+
+def _check_messages(messages, add_generation_prompt):
+    if not messages:
+        raise UserError("a conversation is empty; each example needs at least one user message")
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise UserError(f"a message {m!r} is malformed; messages need role system/user/assistant and "
+                            "string content")
+    if add_generation_prompt and messages[-1]["role"] != "user":
+        raise UserError("the conversation to answer must end with a user message")
+
+
+def _answer_end(answer, content, tokenizer):
+    """Index just past the answer content and its end-of-turn special token (what the model must learn)."""
+    pos = answer.rfind(content) + len(content) if content else 0
+    rest = answer[pos:]
+    specials = sorted((s for s in tokenizer.all_special_tokens if s and rest.startswith(s)), key=len, reverse=True)
+    if specials:
+        return pos + len(specials[0])
+    return len(answer.rstrip("\n ")) if rest.strip() == "" else len(answer)
+
+
+def _fold_input(m):
+    """Templates without an input slot get the input after the instruction, after a blank line."""
+    if m.get("input"):
+        return {"role": m["role"], "content": f"{m['content']}\n\n{m['input']}"}
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _merge(segs):
+    out = []
+    for text, trainable in segs:
+        if not text:
+            continue
+        if out and out[-1][1] == trainable:
+            out[-1] = (out[-1][0] + text, trainable)
+        else:
+            out.append((text, trainable))
+    return out
+
+
+TEMPLATES = {
+    "alpaca": Template(
+        name="alpaca", kind="format", default_system=ALPACA_SYSTEM, default_system_input=ALPACA_SYSTEM_INPUT,
+        system_format="{content}\n\n", user_format="### Instruction:\n{content}\n\n### Response:\n",
+        user_input_format="### Instruction:\n{content}\n\n### Input:\n{input}\n\n### Response:\n",
+        turn_separator="\n\n"),
+    "vicuna": Template(
+        name="vicuna", kind="format",
+        default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+                       "gives helpful, detailed, and polite answers to the user's questions.",
+        system_format="{content} ", user_format="USER: {content} ASSISTANT:", assistant_format=" {content}",
+        turn_separator=" "),
+    "chatml": Template(
+        name="chatml", kind="format", system_format="<|im_start|>system\n{content}<|im_end|>\n",
+        user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+        assistant_format="{content}<|im_end|>", turn_separator="\n"),
+}
+
+
+def get_template(name, tokenizer=None):
+    """Template by name; 'chat' captures the tokenizer's own chat template."""
+    if name == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise UserError("this tokenizer has no chat template; pass --template alpaca (or vicuna, chatml)")
+        source = tokenizer.chat_template
+        if isinstance(source, dict):
+            source = source.get("default") or next(iter(source.values()))
+        return Template(name="chat", kind="chat", chat_template=source)
+    if name not in TEMPLATES:
+        raise UserError(f"unknown --template '{name}'; valid templates are: chat, {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def alpaca_messages(instruction, input_text="", output=None, system=None):
+    """A single alpaca row as messages; the input rides on the user turn (templates place it)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    user = {"role": "user", "content": instruction}
+    if input_text:
+        user["input"] = input_text
+    msgs.append(user)
+    if output is not None:
+        msgs.append({"role": "assistant", "content": output})
+    return msgs

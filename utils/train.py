@@ -1,0 +1,188 @@
+"""Fine-tuning: data -> model + adapter -> HF Trainer -> adapter dir with everything inference needs.
+
+The output directory holds the adapter, the tokenizer, `template.json` (the exact template used),
+`finetune_meta.json` (base model, model_type, peft_type, data, arguments, parameter counts), a loss
+curve (`loss.png`) and the final metrics (`metrics.json`).
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from utils import data as data_lib
+from utils.errors import UserError
+from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
+from utils.peft_methods import attach_adapter, count_parameters
+from utils.templates import get_template
+
+META_FILE = "finetune_meta.json"
+TEMPLATE_FILE = "template.json"
+
+
+class PadCollator:
+    """Right-pad a batch; padding gets attention 0 and label -100."""
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch):
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def prepare_data(data_args, tokenizer, template, seed):
+    convs, sources = data_lib.load_conversations(data_args.data)
+    examples, dropped = data_lib.tokenize_conversations(convs, tokenizer, template, data_args.cutoff_len,
+                                                        data_args.train_on_inputs)
+    if not examples:
+        raise UserError(f"every example lost all its answer tokens at --cutoff_len {data_args.cutoff_len}; raise it")
+    train, val = data_lib.split(examples, data_args.val_set_size, seed)
+    return train, val, {"sources": sources, "dropped_by_cutoff": dropped, "train": len(train), "val": len(val)}
+
+
+def print_data_report(report, train, tokenizer):
+    for s in report["sources"]:
+        print(f"data: {s['source']}: {s['rows']} rows, {s['kept']} kept, {s['empty_output']} skipped (empty output)")
+    print(f"data: {report['dropped_by_cutoff']} dropped (no answer token left within --cutoff_len); "
+          f"{report['train']} train / {report['val']} validation examples")
+    st = data_lib.length_stats(train)
+    print(f"data: tokens per example min {st['min']} / p50 {st['p50']} / p90 {st['p90']} / p99 {st['p99']} / "
+          f"max {st['max']}; {st['trained_tokens']} of {st['tokens']} tokens are trained")
+    ex = train[0]
+    print("example (the loss is computed only inside ⟦ ⟧):")
+    print(data_lib.render_masked(tokenizer, ex["input_ids"], ex["labels"]))
+
+
+def _training_arguments(train_args, output_dir, has_val):
+    import torch
+    from transformers import TrainingArguments
+
+    report_to = [] if train_args.report_to in ("none", "", None) else [train_args.report_to]
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=train_args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=train_args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        learning_rate=train_args.learning_rate,
+        num_train_epochs=train_args.epochs,
+        max_steps=train_args.max_steps,
+        warmup_steps=train_args.warmup_steps,
+        lr_scheduler_type=train_args.lr_scheduler_type,
+        weight_decay=train_args.weight_decay,
+        logging_steps=train_args.logging_steps,
+        logging_first_step=True,
+        save_steps=train_args.save_steps,
+        save_total_limit=train_args.save_total_limit,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=(train_args.eval_steps or train_args.save_steps) if has_val else None,
+        seed=train_args.seed,
+        report_to=report_to,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **({"gradient_checkpointing": True} if train_args.gradient_checkpointing else {}),
+    )
+
+
+def plot_loss(log_history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_finetune(model_args, data_args, peft_args, train_args):
+    path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
+                                        model_args.trust_remote_code)
+    spec = get_spec(model_type)
+    tokenizer = load_tokenizer(path, model_args.trust_remote_code)
+    template = get_template(data_args.template or spec.template, tokenizer)
+    train, val, report = prepare_data(data_args, tokenizer, template, train_args.seed)
+    print(f"model: {model_args.model_name_or_path or EMBEDDED_ALIAS} ({model_type}) from {path}; "
+          f"template: {template.name}; peft: {peft_args.peft_type}")
+    print_data_report(report, train, tokenizer)
+    if data_args.dry_run:
+        return None
+
+    output_dir = train_args.output_dir or f"saved_models/{model_type}_{peft_args.peft_type}"
+    model = load_model(path, model_args.dtype, model_args.trust_remote_code, tokenizer.pad_token_id)
+    model = attach_adapter(model, peft_args, spec)
+    if train_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
+
+    from transformers import Trainer
+
+    trainer = Trainer(model=model, args=_training_arguments(train_args, output_dir, bool(val)),
+                      train_dataset=train, eval_dataset=val or None,
+                      data_collator=PadCollator(tokenizer.pad_token_id))
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    runtime = time.time() - start
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    epochs_done = trainer.state.epoch or 0
+    tokens = sum(len(e["input_ids"]) for e in train) * epochs_done
+    metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
+               "last_logged_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
+               "epochs": epochs_done, "runtime_s": round(runtime, 2),
+               "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+               "trainable_params": trainable, "total_params": total}
+    if val:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    meta = {
+        "base_model": model_args.model_name_or_path or EMBEDDED_ALIAS,
+        "base_model_resolved": str(path),
+        "model_type": model_type,
+        "template": template.name,
+        "peft_type": peft_args.peft_type,
+        "data": data_args.data,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trust_remote_code": model_args.trust_remote_code,
+        "dtype": model_args.dtype,
+        "arguments": {**asdict(model_args), **asdict(data_args), **asdict(peft_args), **asdict(train_args)},
+        "data_report": report,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    plot_loss(trainer.state.log_history, out / "loss.png")
+    print(f"saved adapter, template and metadata to {out}/; loss {metrics['first_logged_loss']} -> "
+          f"{metrics['last_logged_loss']} in {metrics['global_step']} steps, {runtime:.0f} s")
+    return out
