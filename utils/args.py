@@ -36,6 +36,9 @@ class ModelArguments:
         default="auto",
         metadata={"help": "Weights dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16.",
                   "choices": ["auto", "float32", "bfloat16", "float16"]})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the frozen base in 8-bit (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the frozen base in 4-bit NF4 (bitsandbytes); "
+                                                                 "--peft_type qlora implies it."})
 
 
 @dataclass
@@ -67,7 +70,22 @@ class PeftArguments:
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (preset default: 16)."})
     lora_dropout: Optional[float] = field(default=None, metadata={"help": "LoRA dropout (preset default: 0.05)."})
     lora_target_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Module names to adapt. Default: the model type's targets."})
+        default=None, metadata={"help": "Module names to adapt (LoRA family, IA3, bottleneck adapters). "
+                                        "Default: the model type's targets."})
+    num_virtual_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Virtual tokens of prefix / p_tuning / prompt (preset default: 20)."})
+    bottleneck_size: Optional[int] = field(
+        default=None, metadata={"help": "Hidden size of sadapter_h / sadapter_p / p_adapter (preset default: 64)."})
+    adapter_non_linearity: Optional[str] = field(
+        default=None, metadata={"help": "Bottleneck activation: relu, gelu, silu or tanh."})
+    adapter_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout inside bottleneck adapters."})
+    adapter_scaling: Optional[str] = field(
+        default=None, metadata={"help": "Bottleneck output scale: a number, or 'learned' for a trained scalar."})
+    num_trainable_layers: Optional[int] = field(
+        default=None, metadata={"help": "freeze: train only the last N transformer layers (preset default: 2)."})
+    peft_options: Optional[list[str]] = field(
+        default=None, metadata={"help": "Any other setting of the method's config as key=value "
+                                        "(e.g. init_r=16 tinit=0.2 for adalora)."})
 
 
 @dataclass

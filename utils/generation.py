@@ -21,11 +21,12 @@ def read_meta(lora_dir):
 
 
 def load_for_inference(lora_dir=None, model_name_or_path=None, model_type=None, template=None,
-                       trust_remote_code=False, dtype="auto"):
+                       trust_remote_code=False, dtype="auto", keep_quantization=True):
     """(model, tokenizer, template, info): base + adapter from --lora_dir, or a base model alone.
 
     With --lora_dir the base model, model type and template come from the run's metadata and
-    template.json (the very template used in training).
+    template.json (the very template used in training). A base trained quantized (qlora,
+    --load_in_4bit/8bit) is loaded quantized again unless keep_quantization is False (merging).
     """
     if lora_dir:
         meta = read_meta(lora_dir)
@@ -33,16 +34,19 @@ def load_for_inference(lora_dir=None, model_name_or_path=None, model_type=None, 
         path, _, mtype = resolve_model(base, meta["model_type"], trust_remote_code or meta.get("trust_remote_code", False))
         tokenizer = load_tokenizer(lora_dir, trust_remote_code)
         tmpl = Template.from_json((Path(lora_dir) / TEMPLATE_FILE).read_text(encoding="utf-8"))
-        model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id)
+        bits = meta.get("quant_bits") if keep_quantization else None
+        model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id, bits)
         model = load_adapter(model, lora_dir)
-        info = {"base_model": base, "model_type": mtype, "adapter": str(lora_dir), "template": tmpl.name}
+        info = {"base_model": base, "model_type": mtype, "adapter": str(lora_dir), "template": tmpl.name,
+                "peft_type": meta["peft_type"]}
     else:
         path, _, mtype = resolve_model(model_name_or_path, model_type, trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
         tmpl = get_template(template or get_spec(mtype).template, tokenizer)
         model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id)
         model.eval()
-        info = {"base_model": model_name_or_path or EMBEDDED_ALIAS, "model_type": mtype, "adapter": None, "template": tmpl.name}
+        info = {"base_model": model_name_or_path or EMBEDDED_ALIAS, "model_type": mtype, "adapter": None, "template": tmpl.name,
+                "peft_type": None}
     return model, tokenizer, tmpl, info
 
 

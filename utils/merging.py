@@ -19,8 +19,8 @@ def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_co
         raise UserError(f"{merged_dir} exists and is not empty; pick a new --merged_dir")
     # The base is always reloaded in full precision for merging (never a quantized base).
     model, tokenizer, template, _ = load_for_inference(lora_dir, model_name_or_path, dtype="float32",
-                                                       trust_remote_code=trust_remote_code)
-    merged = model.merge_and_unload()
+                                                       trust_remote_code=trust_remote_code, keep_quantization=False)
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # full/freeze: weights already in
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copyfile(Path(lora_dir) / TEMPLATE_FILE, out / TEMPLATE_FILE)

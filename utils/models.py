@@ -165,10 +165,30 @@ def resolve_model(model_name_or_path=None, model_type=None, trust_remote_code=Fa
     return path, config, model_type
 
 
-def load_model(path, dtype="auto", trust_remote_code=False, pad_token_id=None):
+def quantization_config(bits):
+    """bitsandbytes settings for a 4-bit NF4 (double-quantized) or 8-bit frozen base."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        compute = torch.float32
+        if torch.cuda.is_available():
+            compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(path, dtype="auto", trust_remote_code=False, pad_token_id=None, quant_bits=None):
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(dtype), trust_remote_code=trust_remote_code)
+    kwargs = {}
+    if quant_bits:
+        kwargs["quantization_config"] = quantization_config(quant_bits)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                 **kwargs)
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

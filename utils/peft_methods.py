@@ -1,9 +1,16 @@
-"""The PEFT method catalog: peft/<name>.yaml presets -> adapters on a model.
+"""The PEFT method catalog: peft/<name>.yaml presets -> trainable methods on a model.
 
-Presets are data (never .py files in peft/, which would shadow the upstream `peft` package). Upstream
-`peft` builds everything it has; this module maps our flags onto its configs, attaches adapters for
-training and loads them back for inference. One `load_adapter(...)` is used by every script.
+Presets are data (never .py files in peft/, which would shadow the upstream `peft` package). A preset's
+`builder` says who builds it:
+- `peft.<ConfigClass>`: upstream `peft`, unmodified (LoRA, QLoRA, DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3,
+  prefix / p-tuning / prompt tuning);
+- `bottleneck`: our own sequential / parallel bottleneck adapters (utils/bottleneck.py);
+- `full` / `freeze`: plain weights (all of them, or the last N layers), saved as the trained tensors.
+Every method is saved as adapter_config.json + adapter_model.safetensors and loaded back by
+`load_adapter(model, dir)`, which every script uses.
 """
+import json
+import math
 from pathlib import Path
 
 import yaml
@@ -12,6 +19,13 @@ from utils.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "peft"
 PEFT_TYPES = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+PROMPT_LEARNING = ("peft.PrefixTuningConfig", "peft.PromptEncoderConfig", "peft.PromptTuningConfig")
+WEIGHT_METHODS = ("full", "freeze")
+# our flag -> preset key, for flags whose name differs from the config key
+DIRECT_FLAGS = {"num_virtual_tokens": "num_virtual_tokens", "bottleneck_size": "bottleneck_size",
+                "adapter_non_linearity": "non_linearity", "adapter_dropout": "dropout",
+                "adapter_scaling": "scaling", "num_trainable_layers": "num_trainable_layers"}
+GENERIC_FLAGS = ("lora_r", "lora_alpha", "lora_dropout")
 
 
 def load_preset(peft_type):
@@ -21,13 +35,100 @@ def load_preset(peft_type):
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _parse_options(options):
+    out = {}
+    for item in options or []:
+        if "=" not in item:
+            raise UserError(f"--peft_options '{item}' is not key=value; write e.g. --peft_options init_r=16")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def preset_params(peft_args):
+    """The method's settings: preset defaults, overridden by flags, then by --peft_options."""
+    preset = load_preset(peft_args.peft_type)
+    params = dict(preset.get("defaults") or {})
+    # flags this method understands: the preset's own mapping, plus the direct flags whose key it has
+    mapping = {**{f: k for f, k in DIRECT_FLAGS.items() if k in params}, **(preset.get("flags") or {})}
+    for flag in (*GENERIC_FLAGS, *DIRECT_FLAGS):
+        value = getattr(peft_args, flag)
+        if value is None:
+            continue
+        if flag not in mapping:
+            raise UserError(f"--{flag} does not apply to --peft_type {peft_args.peft_type}; its settings are: "
+                            f"{', '.join(params) or 'none'} (set them with --peft_options key=value)")
+        params[mapping[flag]] = value
+    if params.get("scaling") not in (None, "learned") and isinstance(params.get("scaling"), str):
+        try:
+            params["scaling"] = float(params["scaling"])
+        except ValueError:
+            raise UserError(f"--adapter_scaling must be a number or 'learned', not '{params['scaling']}'") from None
+    params.update(_parse_options(peft_args.peft_options))
+    return preset, params
+
+
+def quantization_bits(model_args, peft_args):
+    """4, 8 or None; impossible combinations fail here, before any model is loaded."""
+    preset = load_preset(peft_args.peft_type)
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise UserError("--load_in_4bit and --load_in_8bit exclude each other; pick one")
+    bits = 4 if model_args.load_in_4bit else 8 if model_args.load_in_8bit else None
+    mode = preset.get("quantized_base", "optional")
+    if mode == "4bit":
+        if bits == 8:
+            raise UserError(f"--peft_type {peft_args.peft_type} trains on a 4-bit base; drop --load_in_8bit "
+                            "(or use --peft_type lora --load_in_8bit)")
+        bits = 4
+    if bits and mode == "none":
+        raise UserError(f"--peft_type {peft_args.peft_type} cannot train a quantized base; drop "
+                        f"--load_in_{bits}bit (or pick a LoRA-family method)")
+    if bits:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"--load_in_{bits}bit needs bitsandbytes; run `pip install bitsandbytes`")
+    return bits
+
+
+def check_gradient_checkpointing(peft_type, enabled):
+    if enabled and load_preset(peft_type).get("gradient_checkpointing", True) is False:
+        raise UserError(f"--gradient_checkpointing cannot be used with --peft_type {peft_type}: transformers drops "
+                        "the attention cache that holds the prefix inside checkpointed layers; use p_tuning or "
+                        "prompt, or drop --gradient_checkpointing")
+
+
+def check_dtype(dtype):
+    """bf16/fp16 where the hardware lacks it is refused before loading."""
+    import torch
+
+    if dtype == "bfloat16":
+        if torch.cuda.is_available():
+            if not torch.cuda.is_bf16_supported():
+                raise UserError("this GPU does not support bfloat16; use --dtype float16 or float32")
+        elif not cpu_has_bf16():
+            raise UserError("this CPU has no native bfloat16 (AVX512-BF16 or AMX); use --dtype float32")
+    if dtype == "float16" and not torch.cuda.is_available():
+        raise UserError("float16 training needs a GPU; on CPU use --dtype float32 (or bfloat16 where supported)")
+
+
+def cpu_has_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # cannot tell: let torch decide
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def linear_module_names(model):
     """Leaf names of the Linear layers inside the transformer blocks (not the LM head)."""
     import torch
 
     names = set()
     for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in full:
+        if "lm_head" in full:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             names.add(full.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -46,39 +147,196 @@ def resolve_targets(model, requested, spec):
     return targets
 
 
-def build_peft_config(peft_args, model, spec):
-    from peft import LoraConfig, TaskType
+def _schedule_steps(params, total_steps):
+    """AdaLoRA: total_step from the run; tinit/tfinal/deltaT given as fractions become step counts."""
+    params["total_step"] = total_steps
+    for key in ("tinit", "tfinal", "deltaT"):
+        value = params.get(key)
+        if isinstance(value, float) and value < 1:
+            params[key] = max(1, int(value * total_steps))
+    if params.get("tinit", 0) + params.get("tfinal", 0) >= total_steps:
+        raise UserError(f"adalora needs more steps than tinit + tfinal ({params.get('tinit')} + "
+                        f"{params.get('tfinal')}) but the run has {total_steps}; train longer or lower them "
+                        "with --peft_options")
 
-    preset = load_preset(peft_args.peft_type)
-    params = dict(preset.get("defaults", {}))
-    for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
-        if getattr(peft_args, flag) is not None:
-            params[key] = getattr(peft_args, flag)
-    params["target_modules"] = resolve_targets(model, peft_args.lora_target_modules, spec)
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, **params)
+
+def build_peft_config(peft_type, params, model, spec, lora_target_modules=None, total_steps=None):
+    import peft
+
+    preset = load_preset(peft_type)
+    cls_name = preset["builder"].split(".", 1)[1]
+    cls = getattr(peft, cls_name)
+    params = dict(params)
+    fields = getattr(cls, "__dataclass_fields__", {})
+    if preset["builder"] not in PROMPT_LEARNING and "target_modules" in fields and "target_modules" not in params:
+        arch_targets = (preset.get("targets") or {}).get(getattr(model.config, "model_type", None))
+        if arch_targets and not lora_target_modules:
+            params.update(arch_targets)
+        else:
+            params["target_modules"] = resolve_targets(model, lora_target_modules, spec)
+            if preset["builder"] == "peft.IA3Config":
+                params.setdefault("feedforward_modules", [])
+    if preset["builder"] == "peft.AdaLoraConfig":
+        _schedule_steps(params, total_steps or 0)
+    unknown = [k for k in params if k not in fields]
+    if unknown:
+        raise UserError(f"'{unknown[0]}' is not a setting of {cls_name} (--peft_type {peft_type}); valid "
+                        f"settings include: {', '.join(sorted(k for k in fields if not k.startswith('_'))[:25])}")
+    return cls(task_type=peft.TaskType.CAUSAL_LM, **params)
 
 
-def attach_adapter(model, peft_args, spec):
-    """Wrap model for training with the method of --peft_type; returns the trainable model."""
-    from peft import get_peft_model
+def transformer_layers(model):
+    """The ModuleList of transformer blocks (the one whose length is num_hidden_layers)."""
+    import torch
 
-    config = build_peft_config(peft_args, model, spec)
-    return get_peft_model(model, config)
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name, module
+    raise UserError("cannot find the transformer layers of this model for --peft_type freeze; use another method")
+
+
+def attach_adapter(model, peft_args, spec, total_steps=None, gradient_checkpointing=False):
+    """Make `model` trainable with --peft_type; returns (model, callbacks for the Trainer)."""
+    preset, params = preset_params(peft_args)
+    builder = preset["builder"]
+    callbacks = []
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if builder == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif builder == "freeze":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        name, layers = transformer_layers(model)
+        k = int(params["num_trainable_layers"])
+        if not 1 <= k <= len(layers):
+            raise UserError(f"--num_trainable_layers must be between 1 and {len(layers)} for this model, not {k}")
+        for layer in list(layers)[-k:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    elif builder == "bottleneck":
+        from utils.bottleneck import BottleneckConfig, add_bottleneck
+
+        cfg = BottleneckConfig(adapter_type=peft_args.peft_type, target_modules=peft_args.lora_target_modules,
+                               base_model_name_or_path=getattr(model.config, "_name_or_path", None), **params)
+        model = add_bottleneck(model, cfg)
+    else:
+        from peft import get_peft_model
+
+        config = build_peft_config(peft_args.peft_type, params, model, spec, peft_args.lora_target_modules,
+                                   total_steps)
+        model = get_peft_model(model, config)
+        if builder == "peft.AdaLoraConfig":
+            callbacks.append(adalora_callback())
+    if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get gradients
+    return model, callbacks
+
+
+def adalora_callback():
+    """AdaLoRA's rank reallocation, called after each optimizer step and before the gradients are zeroed."""
+    from transformers import TrainerCallback
+
+    class AdaLoraAllocator(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            peft_model = model
+            while not hasattr(getattr(peft_model, "base_model", None), "update_and_allocate"):
+                peft_model = peft_model.module  # unwrap DDP
+            peft_model.base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraAllocator()
 
 
 def count_parameters(model):
+    """(trainable, total), counting 4-bit packed weights at their real size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
 
 
-def load_adapter(model, adapter_dir):
-    """Attach a saved adapter (inference mode) to its base model."""
-    from peft import PeftModel
+# ---- saving and loading --------------------------------------------------------------------------
+def save_adapter(model, out_dir, peft_type):
+    """Write adapter_config.json + adapter_model.safetensors for any method."""
+    builder = load_preset(peft_type)["builder"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if builder == "bottleneck":
+        from utils.bottleneck import save_bottleneck
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        save_bottleneck(model, out)
+    elif builder in WEIGHT_METHODS:
+        from safetensors.torch import save_file
+
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        cfg = {"peft_type": peft_type, "library": "alpaca-cot weights", "tensors": len(tensors),
+               "base_model_name_or_path": getattr(model.config, "_name_or_path", None)}
+        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    else:
+        model.save_pretrained(out)
+
+
+def load_adapter(model, adapter_dir):
+    """Attach a saved adapter of any method (inference mode) to its base model."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.is_file():
         raise UserError(f"{adapter_dir} has no adapter_config.json; pass the --output_dir of a finished "
                         "uniform_finetune.py run")
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    peft_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("peft_type", "")
+    if peft_type in WEIGHT_METHODS:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+        params = dict(model.named_parameters())
+        unknown = [k for k in tensors if k not in params]
+        if unknown:
+            raise UserError(f"{adapter_dir} holds weight '{unknown[0]}' that the base model lacks; it was trained "
+                            "on another base (pass its --model_name_or_path)")
+        import torch
+
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v.to(params[k].dtype))
+    elif peft_type in ("sadapter_h", "sadapter_p", "p_adapter"):
+        from utils.bottleneck import load_bottleneck
+
+        model = load_bottleneck(model, adapter_dir)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model
+
+
+def steps_for_run(n_examples, batch_size, grad_accum, epochs, max_steps, world_size=1):
+    """Optimizer steps the Trainer will take (AdaLoRA's schedule needs them up front)."""
+    if max_steps and max_steps > 0:
+        return max_steps
+    batches = math.ceil(n_examples / (batch_size * world_size))
+    per_epoch = max(1, batches // grad_accum)
+    return max(1, math.ceil(per_epoch * epochs))
+
+
+def methods_table():
+    """The README's method table, generated from peft/*.yaml so it cannot drift."""
+    rows = ["| peft_type | what it trains | default hyperparameters | mergeable | quantized base | GPU needed |",
+            "|---|---|---|---|---|---|"]
+    for name in PEFT_TYPES:
+        p = load_preset(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in (p.get("defaults") or {}).items()) or "-"
+        quant = {"4bit": "4-bit NF4 (always)", "optional": "optional (--load_in_4bit / --load_in_8bit)",
+                 "none": "no"}[p.get("quantized_base", "optional")]
+        rows.append(f"| `{name}` | {p['trains']} | {defaults} | {'yes' if p['mergeable'] else 'no'} | {quant} | "
+                    f"{'yes' if p.get('needs_gpu') else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(methods_table(), end="")

@@ -8,13 +8,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import data as data_lib
 from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
-from utils.peft_methods import attach_adapter, count_parameters
+from utils.peft_methods import (attach_adapter, check_dtype, check_gradient_checkpointing, count_parameters, preset_params, quantization_bits,
+                                save_adapter, steps_for_run)
 from utils.templates import get_template
 
 META_FILE = "finetune_meta.json"
@@ -92,7 +93,8 @@ def _training_arguments(train_args, output_dir, has_val):
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
-        **({"gradient_checkpointing": True} if train_args.gradient_checkpointing else {}),
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if train_args.gradient_checkpointing else {}),
     )
 
 
@@ -118,7 +120,28 @@ def plot_loss(log_history, path):
     plt.close(fig)
 
 
-def run_finetune(model_args, data_args, peft_args, train_args):
+@dataclass
+class Run:
+    """Everything a fine-tuning run is made of, before trainer.train() is called."""
+    args: tuple
+    trainer: object
+    model: object
+    tokenizer: object
+    template: object
+    train: list
+    val: list
+    report: dict
+    meta: dict
+    output_dir: Path
+
+
+def build_run(model_args, data_args, peft_args, train_args):
+    """Check the arguments, load data, model and method; return a Run (None for --dry_run)."""
+    # Impossible combinations fail here, before anything is loaded.
+    _, method_params = preset_params(peft_args)
+    quant_bits = quantization_bits(model_args, peft_args)
+    check_dtype(model_args.dtype)
+    check_gradient_checkpointing(peft_args.peft_type, train_args.gradient_checkpointing)
     path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
                                         model_args.trust_remote_code)
     spec = get_spec(model_type)
@@ -131,46 +154,27 @@ def run_finetune(model_args, data_args, peft_args, train_args):
     if data_args.dry_run:
         return None
 
-    output_dir = train_args.output_dir or f"saved_models/{model_type}_{peft_args.peft_type}"
-    model = load_model(path, model_args.dtype, model_args.trust_remote_code, tokenizer.pad_token_id)
-    model = attach_adapter(model, peft_args, spec)
-    if train_args.gradient_checkpointing:
-        model.enable_input_require_grads()
+    output_dir = Path(train_args.output_dir or f"saved_models/{model_type}_{peft_args.peft_type}")
+    model = load_model(path, model_args.dtype, model_args.trust_remote_code, tokenizer.pad_token_id, quant_bits)
+    total_steps = steps_for_run(len(train), train_args.per_gpu_train_batch_size, train_args.gradient_accumulation_steps,
+                                train_args.epochs, train_args.max_steps, int(os.environ.get("WORLD_SIZE", 1)))
+    model, callbacks = attach_adapter(model, peft_args, spec, total_steps, train_args.gradient_checkpointing)
     trainable, total = count_parameters(model)
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
 
     from transformers import Trainer
 
-    trainer = Trainer(model=model, args=_training_arguments(train_args, output_dir, bool(val)),
+    trainer = Trainer(model=model, args=_training_arguments(train_args, str(output_dir), bool(val)),
                       train_dataset=train, eval_dataset=val or None,
-                      data_collator=PadCollator(tokenizer.pad_token_id))
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
-    runtime = time.time() - start
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / TEMPLATE_FILE).write_text(template.to_json(), encoding="utf-8")
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    epochs_done = trainer.state.epoch or 0
-    tokens = sum(len(e["input_ids"]) for e in train) * epochs_done
-    metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
-               "last_logged_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
-               "epochs": epochs_done, "runtime_s": round(runtime, 2),
-               "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
-               "trainable_params": trainable, "total_params": total}
-    if val:
-        ev = trainer.evaluate()
-        metrics["eval_loss"] = ev["eval_loss"]
-        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
     meta = {
         "base_model": model_args.model_name_or_path or EMBEDDED_ALIAS,
         "base_model_resolved": str(path),
         "model_type": model_type,
         "template": template.name,
         "peft_type": peft_args.peft_type,
+        "peft_params": method_params,
+        "quant_bits": quant_bits,
         "data": data_args.data,
         "trainable_params": trainable,
         "total_params": total,
@@ -178,11 +182,44 @@ def run_finetune(model_args, data_args, peft_args, train_args):
         "dtype": model_args.dtype,
         "arguments": {**asdict(model_args), **asdict(data_args), **asdict(peft_args), **asdict(train_args)},
         "data_report": report,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    return Run((model_args, data_args, peft_args, train_args), trainer, model, tokenizer, template, train, val,
+               report, meta, output_dir)
+
+
+def finish_run(run, result, runtime):
+    """Save adapter, tokenizer, template, metadata, metrics and the loss plot into the output dir."""
+    trainer, out = run.trainer, run.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(run.model, out, run.meta["peft_type"])
+    run.tokenizer.save_pretrained(out)
+    (out / TEMPLATE_FILE).write_text(run.template.to_json(), encoding="utf-8")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    epochs_done = trainer.state.epoch or 0
+    tokens = sum(len(e["input_ids"]) for e in run.train) * epochs_done
+    metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
+               "last_logged_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
+               "epochs": epochs_done, "runtime_s": round(runtime, 2),
+               "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+               "trainable_params": run.meta["trainable_params"], "total_params": run.meta["total_params"]}
+    if run.val:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    meta = dict(run.meta, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     plot_loss(trainer.state.log_history, out / "loss.png")
     print(f"saved adapter, template and metadata to {out}/; loss {metrics['first_logged_loss']} -> "
           f"{metrics['last_logged_loss']} in {metrics['global_step']} steps, {runtime:.0f} s")
-    return out
+    return metrics
+
+
+def run_finetune(model_args, data_args, peft_args, train_args):
+    run = build_run(model_args, data_args, peft_args, train_args)
+    if run is None:
+        return None
+    start = time.time()
+    result = run.trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    finish_run(run, result, time.time() - start)
+    return run.output_dir
