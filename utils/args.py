@@ -8,7 +8,7 @@ line override the file. Unknown flags and unknown config keys are errors, never 
 import difflib
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -45,8 +45,9 @@ class ModelArguments:
 class DataArguments:
     data: list[str] = field(
         default_factory=lambda: ["arith_sample"],
-        metadata={"help": "One or more dataset names from data/registry.yaml or paths to .json/.jsonl "
-                          "files. Default: the bundled arith_sample."})
+        metadata={"help": "One or more SOURCE[@FORMAT][:N] values: dataset or mix names from data/registry.yaml, "
+                          "files (.json .jsonl .csv .parquet .json.gz), directories or hub dataset ids; :N samples "
+                          "N rows (:0.3 a fraction). Default: the bundled arith_sample."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training example."})
     val_set_size: float = field(
         default=0, metadata={"help": "Held-out rows for validation: a count (>= 1) or a fraction (< 1)."})
@@ -54,6 +55,13 @@ class DataArguments:
         default=None,
         metadata={"help": "Prompt template (alpaca, vicuna, chatml, chat = the tokenizer's own chat "
                           "template). Default: the model type's template."})
+    prompt_lang: str = field(
+        default="en", metadata={"help": "Language of the template's fixed wording: en or zh (Chinese prompts).",
+                                "choices": ["en", "zh"]})
+    cot_prompt: bool = field(
+        default=False, metadata={"help": "CoT*: append a think-first sentence (\"Let's think step by step.\" / "
+                                         "\"先思考，再决定。\") to every instruction."})
+    list_data: bool = field(default=False, metadata={"help": "Print the dataset registry and exit."})
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Also compute the loss on prompt tokens (default: response only)."})
     dry_run: bool = field(
@@ -222,7 +230,7 @@ def parse(dataclass_types, argv=None, prog=None):
 
 
 def parse_finetune_args(argv=None):
-    return parse((ModelArguments, DataArguments, PeftArguments, TrainArguments), argv, "uniform_finetune.py")
+    return parse(FINETUNE_ARGS, argv, "uniform_finetune.py")
 
 
 def parse_merge_args(argv=None):
@@ -244,4 +252,19 @@ def parse_serve_args(argv=None, prog="server.py"):
 
 
 def parse_generate_args(argv=None):
-    return parse((ModelArguments, InferArguments, GenerationArguments), argv, "generate.py")
+    return parse(GENERATE_ARGS, argv, "generate.py")
+
+
+def flags_table(*dataclass_types):
+    """Markdown table of the flags of some argument dataclasses (README is generated from it)."""
+    rows = ["| flag | default | what it does |", "|---|---|---|"]
+    for dt in dataclass_types:
+        for f in fields(dt):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            default = " ".join(default) if isinstance(default, list) else default
+            rows.append(f"| `--{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows) + "\n"
+
+
+FINETUNE_ARGS = (ModelArguments, DataArguments, PeftArguments, TrainArguments)
+GENERATE_ARGS = (ModelArguments, InferArguments, GenerationArguments)

@@ -77,6 +77,8 @@ class Template:
     def _chat_segments(self, messages, add_generation_prompt, tokenizer):
         if tokenizer is None:
             raise ValueError("a chat template needs the tokenizer to render")
+        if self.default_system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
         segs, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -199,18 +201,38 @@ TEMPLATES = {
 }
 
 
-def get_template(name, tokenizer=None):
-    """Template by name; 'chat' captures the tokenizer's own chat template."""
+ZH_SYSTEM = "你是一个乐于助人的助手。"
+TEMPLATES.update({
+    "alpaca_zh": Template(
+        name="alpaca_zh", kind="format", default_system="下面是一条描述任务的指令。请写出恰当完成该请求的回答。",
+        default_system_input="下面是一条描述任务的指令，以及一段提供更多背景的输入。请写出恰当完成该请求的回答。",
+        system_format="{content}\n\n", user_format="### 指令：\n{content}\n\n### 回答：\n",
+        user_input_format="### 指令：\n{content}\n\n### 输入：\n{input}\n\n### 回答：\n", turn_separator="\n\n"),
+    "vicuna_zh": Template(
+        name="vicuna_zh", kind="format",
+        default_system="这是一段好奇的用户与人工智能助手之间的对话。助手会给出有帮助、详细且礼貌的回答。",
+        system_format="{content} ", user_format="用户：{content} 助手：", assistant_format="{content}",
+        turn_separator=" "),
+})
+TEMPLATES["chatml_zh"] = Template(**{**asdict(TEMPLATES["chatml"]), "name": "chatml_zh", "default_system": ZH_SYSTEM})
+
+
+def get_template(name, tokenizer=None, lang="en"):
+    """Template by name and prompt language; 'chat' captures the tokenizer's own chat template."""
     if name == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("this tokenizer has no chat template; pass --template alpaca (or vicuna, chatml)")
         source = tokenizer.chat_template
         if isinstance(source, dict):
             source = source.get("default") or next(iter(source.values()))
+        if lang == "zh":
+            return Template(name="chat_zh", kind="chat", chat_template=source, default_system=ZH_SYSTEM)
         return Template(name="chat", kind="chat", chat_template=source)
-    if name not in TEMPLATES:
-        raise UserError(f"unknown --template '{name}'; valid templates are: chat, {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
+    key = f"{name}_zh" if lang == "zh" and not name.endswith("_zh") else name
+    if key not in TEMPLATES:
+        names = ", ".join(["chat"] + [t for t in TEMPLATES if not t.endswith("_zh")])
+        raise UserError(f"unknown --template '{name}'; valid templates are: {names} (Chinese wording: --prompt_lang zh)")
+    return TEMPLATES[key]
 
 
 def alpaca_messages(instruction, input_text="", output=None, system=None):

@@ -44,10 +44,18 @@ class PadCollator:
 
 
 def prepare_data(data_args, tokenizer, template, seed):
-    convs, sources = data_lib.load_conversations(data_args.data)
-    examples, dropped = data_lib.tokenize_conversations(convs, tokenizer, template, data_args.cutoff_len,
-                                                        data_args.train_on_inputs)
-    if not examples:
+    """Tokenized (train, val) Datasets and a report: per-source counts, dropped rows, split sizes."""
+    import datasets
+
+    parts, sources, dropped = [], [], 0
+    for ds, stats in data_lib.load_sources(data_args.data, for_training=True, seed=seed):
+        tok, n_drop = data_lib.tokenize_dataset(ds, tokenizer, template, data_args.cutoff_len,
+                                                data_args.train_on_inputs, data_args.cot_prompt)
+        parts.append(tok)
+        sources.append(dict(stats, dropped_by_cutoff=n_drop))
+        dropped += n_drop
+    examples = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(examples) == 0:
         raise UserError(f"every example lost all its answer tokens at --cutoff_len {data_args.cutoff_len}; raise it")
     train, val = data_lib.split(examples, data_args.val_set_size, seed)
     return train, val, {"sources": sources, "dropped_by_cutoff": dropped, "train": len(train), "val": len(val)}
@@ -55,9 +63,11 @@ def prepare_data(data_args, tokenizer, template, seed):
 
 def print_data_report(report, train, tokenizer):
     for s in report["sources"]:
-        print(f"data: {s['source']}: {s['rows']} rows, {s['kept']} kept, {s['empty_output']} skipped (empty output)")
-    print(f"data: {report['dropped_by_cutoff']} dropped (no answer token left within --cutoff_len); "
-          f"{report['train']} train / {report['val']} validation examples")
+        origin = f" from {s['origin']}" if s.get("origin") not in (None, s["source"]) else ""
+        print(f"data: {s['source']}{origin} ({s.get('format')}): {s['rows']} rows, {s['kept']} kept, {s['skipped']} skipped "
+              f"(no answer or broken turn order), {s['used']} used, {s['dropped_by_cutoff']} dropped (no answer "
+              "token within --cutoff_len)")
+    print(f"data: {report['train']} train / {report['val']} validation examples")
     st = data_lib.length_stats(train)
     print(f"data: tokens per example min {st['min']} / p50 {st['p50']} / p90 {st['p90']} / p99 {st['p99']} / "
           f"max {st['max']}; {st['trained_tokens']} of {st['tokens']} tokens are trained")
@@ -136,7 +146,10 @@ class Run:
 
 
 def build_run(model_args, data_args, peft_args, train_args):
-    """Check the arguments, load data, model and method; return a Run (None for --dry_run)."""
+    """Check the arguments, load data, model and method; return a Run (None for --dry_run / --list_data)."""
+    if data_args.list_data:
+        print(data_lib.registry_table(), end="")
+        return None
     # Impossible combinations fail here, before anything is loaded.
     _, method_params = preset_params(peft_args)
     quant_bits = quantization_bits(model_args, peft_args)
@@ -146,7 +159,7 @@ def build_run(model_args, data_args, peft_args, train_args):
                                         model_args.trust_remote_code)
     spec = get_spec(model_type)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
-    template = get_template(data_args.template or spec.template, tokenizer)
+    template = get_template(data_args.template or spec.template, tokenizer, data_args.prompt_lang)
     train, val, report = prepare_data(data_args, tokenizer, template, train_args.seed)
     print(f"model: {model_args.model_name_or_path or EMBEDDED_ALIAS} ({model_type}) from {path}; "
           f"template: {template.name}; peft: {peft_args.peft_type}")
@@ -196,7 +209,7 @@ def finish_run(run, result, runtime):
     (out / TEMPLATE_FILE).write_text(run.template.to_json(), encoding="utf-8")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     epochs_done = trainer.state.epoch or 0
-    tokens = sum(len(e["input_ids"]) for e in run.train) * epochs_done
+    tokens = sum(map(len, run.train["input_ids"])) * epochs_done
     metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
                "last_logged_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
                "epochs": epochs_done, "runtime_s": round(runtime, 2),
