@@ -120,8 +120,17 @@ class TrainArguments:
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb."})
 
 
+# The seed's documented sampling settings (Alpaca-CoT README, "Inference Hyper-parameter Explanation").
+GEN_PRESETS = {"seed": {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "no_repeat_ngram_size": 6,
+                        "repetition_penalty": 1.8}}
+
+
 @dataclass
 class GenerationArguments:
+    gen_preset: Optional[str] = field(
+        default=None, metadata={"help": "Sampling preset: 'seed' = the Alpaca-CoT README's settings (do_sample, "
+                                        "temperature 1.0, top_p 0.9, no_repeat_ngram_size 6, repetition_penalty "
+                                        "1.8); flags given explicitly override it.", "choices": list(GEN_PRESETS)})
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens to generate."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
@@ -226,7 +235,14 @@ def parse(dataclass_types, argv=None, prog=None):
         msg = f"unknown argument '{bad}'"
         msg += f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid flags"
         raise UserError(msg)
-    return parsed[:len(dataclass_types)]  # drop the namespace that holds --config
+    parsed = parsed[:len(dataclass_types)]  # drop the namespace that holds --config
+    for obj in parsed:
+        if isinstance(obj, GenerationArguments) and obj.gen_preset:
+            given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+            for key, value in GEN_PRESETS[obj.gen_preset].items():
+                if key not in given:
+                    setattr(obj, key, value)
+    return parsed
 
 
 def parse_finetune_args(argv=None):

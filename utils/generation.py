@@ -8,11 +8,6 @@ from utils.peft_methods import load_adapter
 from utils.templates import Template, get_template
 from utils.train import META_FILE, TEMPLATE_FILE
 
-# The seed's documented sampling settings (Alpaca-CoT README, "Inference Hyper-parameter Explanation").
-SEED_PRESET = {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "no_repeat_ngram_size": 6,
-               "repetition_penalty": 1.8}
-
-
 def read_meta(lora_dir):
     meta_path = Path(lora_dir) / META_FILE
     if not meta_path.is_file():
@@ -50,10 +45,12 @@ def load_for_inference(lora_dir=None, model_name_or_path=None, model_type=None, 
     return model, tokenizer, tmpl, info
 
 
-def generation_kwargs(gen_args, tokenizer, template):
+def generation_kwargs(gen_args, tokenizer, template=None):
+    """Arguments for model.generate from GenerationArguments; answers stop at EOS and the end-of-turn token."""
+    stops = template.stop_token_ids(tokenizer) if template is not None else [tokenizer.eos_token_id]
     kw = {"max_new_tokens": gen_args.max_new_tokens, "num_beams": gen_args.num_beams,
           "repetition_penalty": gen_args.repetition_penalty, "do_sample": gen_args.do_sample,
-          "eos_token_id": template.stop_token_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+          "eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id}
     if gen_args.no_repeat_ngram_size:
         kw["no_repeat_ngram_size"] = gen_args.no_repeat_ngram_size
     if gen_args.do_sample:
@@ -61,37 +58,69 @@ def generation_kwargs(gen_args, tokenizer, template):
     return kw
 
 
-def generate_reply(model, tokenizer, template, messages, gen_args, stream=None):
-    """Answer the conversation (ending with a user turn); stream=callable(text) gets text as it is made."""
+def generate_ids(model, tokenizer, ids, gen_kwargs, stream=None, stop=None):
+    """Generate after the prompt token ids; returns (text, finish_reason, completion_tokens).
+
+    stream=callable(text) receives text as it is produced; stop = strings that end the answer (not included).
+    finish_reason is "stop" (EOS, end of turn or a stop string) or "length" (max_new_tokens reached).
+    """
+    import threading
+
     import torch
     from transformers import TextIteratorStreamer
 
-    ids = template.prompt_ids(tokenizer, messages)
     input_ids = torch.tensor([ids], device=model.device)
-    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                  **generation_kwargs(gen_args, tokenizer, template))
-    if stream is None:
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    result = {}
+
+    def run(**extra):
         with torch.no_grad():
-            out = model.generate(**kwargs)
-        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-    import threading
+            result["out"] = model.generate(**kwargs, **extra)
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    thread = threading.Thread(target=lambda: _no_grad_generate(model, streamer=streamer, **kwargs))
-    thread.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        stream(piece)
-    thread.join()
-    return "".join(pieces).strip()
+    if stream is None:
+        run()
+        new = result["out"][0, len(ids):]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+    else:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        thread = threading.Thread(target=run, kwargs={"streamer": streamer})
+        thread.start()
+        pieces, sent = [], 0
+        hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may still be forming
+        for piece in streamer:
+            pieces.append(piece)
+            text = "".join(pieces)
+            cut = _stop_cut(text, stop)
+            safe = cut if cut is not None else len(text) - hold
+            if safe > sent:
+                stream(text[sent:safe])
+                sent = safe
+        thread.join()
+        new = result["out"][0, len(ids):]
+        text = "".join(pieces)
+    cut = _stop_cut(text, stop)
+    if cut is not None:
+        text = text[:cut]
+    if stream is not None and len(text) > sent:
+        stream(text[sent:])
+    n_new = int(new.shape[0])
+    ended = n_new and int(new[-1]) in set(gen_kwargs.get("eos_token_id") or [])
+    reason = "stop" if ended or cut is not None or n_new < gen_kwargs.get("max_new_tokens", 1 << 30) else "length"
+    return text.strip(), reason, n_new
 
 
-def _no_grad_generate(model, **kwargs):
-    import torch
+def _stop_cut(text, stop):
+    hits = [text.find(s) for s in (stop or []) if s and s in text]
+    return min(hits) if hits else None
 
-    with torch.no_grad():
-        model.generate(**kwargs)
+
+def generate_reply(model, tokenizer, template, messages, gen_args, stream=None, stop=None):
+    """Answer the conversation (ending with a user turn) with the template it was trained with."""
+    ids = template.prompt_ids(tokenizer, messages)
+    text, _, _ = generate_ids(model, tokenizer, ids, generation_kwargs(gen_args, tokenizer, template), stream, stop)
+    return text
 
 
 def chat_loop(model, tokenizer, template, gen_args, system=None, read=input, write=print):
