@@ -72,3 +72,17 @@ def test_template_json_round_trip_is_byte_identical(tokenizer, name):
 def test_stop_tokens_include_end_of_turn(tokenizer):
     tmpl = get_template("chat", tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in tmpl.stop_token_ids(tokenizer)
+
+
+def test_chat_default_falls_back_to_alpaca_without_a_chat_template(tokenizer):
+    import copy
+
+    from utils.templates import pick_template
+
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    assert pick_template(None, "chat", base).name == "alpaca"
+    assert pick_template(None, "chat", tokenizer).name == "chat"
+    assert pick_template("vicuna", "chat", base).name == "vicuna"
+    with pytest.raises(Exception, match="has no chat template"):
+        pick_template("chat", "chat", base)

@@ -135,11 +135,23 @@ def linear_module_names(model):
 
 def resolve_targets(model, requested, spec):
     """Target module names: the flag's, else the model type's; each must exist in the model."""
+    import torch
+
     available = linear_module_names(model)
-    targets = list(requested) if requested else list(spec.lora_targets)
+    config_type = getattr(model.config, "model_type", None)
+    targets = list(requested) if requested else list(spec.targets_for(config_type))
     if targets == ["auto"]:
-        attn = [n for n in available if n in ("q_proj", "v_proj", "query_key_value", "c_attn", "W_pack", "qkv_proj")]
-        targets = attn or available
+        # inspect: the Linear layers inside attention blocks; a fused q/k/v projection, else query and value
+        attn = sorted({full.rsplit(".", 1)[-1] for full, m in model.named_modules()
+                       if ("attn" in full.lower() or "attention" in full.lower()) and "lm_head" not in full
+                       and (isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt",
+                                                                                          "Conv1D"))})
+        fused = [n for n in attn if "qkv" in n.lower() or n in ("query_key_value", "W_pack", "c_attn")]
+        qv = [n for n in attn if n in ("q_proj", "v_proj", "query", "value", "q", "v", "wq", "wv")]
+        targets = fused or qv or attn or available
+        available = sorted(set(available) | set(attn))  # GPT-2 style Conv1D projections count too
+        if not targets:
+            raise UserError("found no linear layers to adapt in this model; pass --lora_target_modules")
     missing = [t for t in targets if t not in available]
     if missing:
         raise UserError(f"target module '{missing[0]}' is not in this model; its linear layers are: "

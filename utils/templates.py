@@ -235,6 +235,14 @@ def get_template(name, tokenizer=None, lang="en"):
     return TEMPLATES[key]
 
 
+def pick_template(requested, default, tokenizer=None, lang="en"):
+    """--template if given, else the model type's default; a default of 'chat' on a tokenizer without a chat
+    template (base checkpoints such as Llama 2 or Gemma 3 270M) falls back to 'alpaca'."""
+    if not requested and default == "chat" and not getattr(tokenizer, "chat_template", None):
+        default = "alpaca"
+    return get_template(requested or default, tokenizer, lang)
+
+
 def alpaca_messages(instruction, input_text="", output=None, system=None):
     """A single alpaca row as messages; the input rides on the user turn (templates place it)."""
     msgs = [{"role": "system", "content": system}] if system else []
