@@ -1,16 +1,19 @@
-"""OpenAI-compatible HTTP API over a base model and its adapters (issue 6: in progress).
+"""OpenAI-compatible HTTP API over a base model and its adapters.
 
-    python server.py --lora_dir saved_models/smollm_lora [--host 127.0.0.1] [--port 8000]
-Binds 127.0.0.1 by default. Until it is complete, use generate.py for local chatting.
+    python server.py --lora_dir saved_models/demo                          # http://127.0.0.1:8000/v1
+    python server.py --lora_dir math=saved_models/a chat=saved_models/b --api_key KEY --port 8001
+Binds 127.0.0.1 by default. To chat locally in a terminal, use generate.py instead.
 """
 from utils.args import parse_serve_args
-from utils.errors import UserError, cli_main
+from utils.errors import cli_main
 
 
 @cli_main
 def main(argv=None):
-    parse_serve_args(argv, prog="server.py")
-    raise UserError("server.py is not implemented yet; chat locally with `python generate.py --lora_dir DIR`")
+    model_args, serve_args, gen_args = parse_serve_args(argv, prog="server.py")
+    from utils.server import serve
+
+    serve(model_args, serve_args, gen_args)
 
 
 if __name__ == "__main__":
