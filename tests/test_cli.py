@@ -3,7 +3,7 @@ import pytest
 
 from conftest import run_script
 
-SCRIPTS = ["uniform_finetune.py", "generate.py", "merge.py", "predict.py", "server.py", "web.py"]
+SCRIPTS = ["uniform_finetune.py", "generate.py", "merge.py", "predict.py", "server.py", "web.py", "evaluate.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

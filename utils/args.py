@@ -68,6 +68,16 @@ class DataArguments:
         default=False,
         metadata={"help": "Load and convert the data, print statistics and one rendered example with the "
                           "trained span marked, then exit."})
+    packing: str = field(
+        default="auto",
+        metadata={"help": "Pack each batch's samples into rows of up to --cutoff_len tokens with per-sample position "
+                          "ids (no padding between samples, no attention across them): auto (on when a check shows the "
+                          "model keeps packed samples apart; not for prefix/p_tuning/prompt), on, off.",
+                  "choices": ["auto", "on", "off"]})
+    group_by_length: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Batch samples of similar length together (less padding). Default: on only when --packing "
+                          "auto finds packing unavailable."})
 
 
 @dataclass
@@ -114,10 +124,25 @@ class TrainArguments:
     save_total_limit: int = field(default=3, metadata={"help": "Keep at most N checkpoints."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: --save_steps)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    bf16: str = field(
+        default="auto",
+        metadata={"help": "bf16 autocast over fp32 weights: auto (on a CPU with AVX512-BF16/AMX when the first batch's "
+                          "loss is within 2 percent of fp32), on, off (fp32).", "choices": ["auto", "on", "off"]})
     seed: int = field(default=42, metadata={"help": "Random seed (data order, init, split)."})
     resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "Checkpoint directory to resume from."})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb."})
+        default=None, metadata={"help": "Resume from this checkpoint directory; with no value (or 'latest'), from the "
+                                        "newest complete checkpoint in --output_dir."})
+    report_to: str = field(default="none", metadata={"help": "Experiment tracking: none, tensorboard, wandb (offline "
+                                                             "when no API key is set) or all.",
+                                                     "choices": ["none", "tensorboard", "wandb", "all"]})
+    deepspeed: Optional[str] = field(
+        default=None, metadata={"help": "DeepSpeed JSON config (e.g. configs/ds_zero2.json); needs the deepspeed "
+                                        "package and GPUs."})
+    fsdp: bool = field(default=False, metadata={"help": "Shard the model with FSDP (settings in --fsdp_config)."})
+    fsdp_config: Optional[str] = field(
+        default=None, metadata={"help": "FSDP JSON config (e.g. configs/fsdp.json); giving it turns --fsdp on."})
+    local_rank: int = field(
+        default=-1, metadata={"help": "Set by `python -m torch.distributed.launch`; torchrun uses LOCAL_RANK instead."})
 
 
 # The seed's documented sampling settings (Alpaca-CoT README, "Inference Hyper-parameter Explanation").
@@ -169,10 +194,21 @@ class PredictArguments:
 
 @dataclass
 class ServeArguments:
-    lora_dir: Optional[list[str]] = field(default=None, metadata={"help": "One or more adapter directories to serve."})
+    lora_dir: Optional[list[str]] = field(
+        default=None, metadata={"help": "One or more adapter directories to serve; server.py takes several trained "
+                                        "on one base, NAME=DIR sets the model id (default: the directory's name)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (default: this machine only)."})
-    port: int = field(default=8000, metadata={"help": "TCP port."})
+    port: int = field(default=8000, metadata={"help": "TCP port (web.py uses 7860 unless --port is given)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "Require this bearer token (server.py)."})
+    served_name: Optional[str] = field(
+        default=None, metadata={"help": "Model id of the base model (server.py; default: its alias or hub id, or "
+                                        "the directory name of a local path)."})
+    template: Optional[str] = field(
+        default=None, metadata={"help": "Chat template of the base model (server.py; default: the model type's); "
+                                        "adapters always use the template they were trained with."})
+    max_queue: int = field(
+        default=64, metadata={"help": "Requests that may wait for the generation worker, which answers one at a "
+                                      "time; more get HTTP 503 (server.py)."})
 
 
 class _Parser(HfArgumentParser):
@@ -213,6 +249,11 @@ def parse(dataclass_types, argv=None, prog=None):
     config = None
     if argv and not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml", ".json")):
         config = argv.pop(0)
+    for flag in ("--resume_from_checkpoint", "--resume-from-checkpoint"):  # a bare flag means "the latest"
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                argv.insert(i + 1, "latest")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -221,17 +262,19 @@ def parse(dataclass_types, argv=None, prog=None):
         del argv[i:i + 2]
     if config:
         known = {f.name for dt in dataclass_types for f in fields(dt)}
+        hintable = known - {"local_rank"}  # set by launchers, never what a user meant
         cfg = _load_config(config)
         unknown = [k for k in cfg if k not in known]
         if unknown:
-            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = difflib.get_close_matches(unknown[0], hintable, n=1)
             raise UserError(f"config file {config} has an unknown key '{unknown[0]}'"
                             + (f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid keys"))
         parser.set_defaults(**cfg)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         bad = remaining[0]
-        hint = difflib.get_close_matches("--" + bad.lstrip("-").split("=")[0], _flag_names(parser), n=1)
+        names = [n for n in _flag_names(parser) if "local" not in n]
+        hint = difflib.get_close_matches("--" + bad.lstrip("-").split("=")[0], names, n=1)
         msg = f"unknown argument '{bad}'"
         msg += f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid flags"
         raise UserError(msg)

@@ -96,9 +96,15 @@ def _registry_source(name, entry, fmt, count):
 
 
 def _hub_file(name, repo, filename):
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
+    try:  # the local hub cache first: no network round trip when the file is already here
+        return hf_hub_download(repo, filename, repo_type="dataset", local_files_only=True)
+    except Exception:
+        pass
+    try:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise ConnectionError("HF_HUB_OFFLINE is set")
         return hf_hub_download(repo, filename, repo_type="dataset")
     except Exception as exc:  # offline, missing, gated: one sentence, not a traceback
         raise UserError(f"dataset '{name}' is not available here: {repo}/{filename} is not in the local hub cache "

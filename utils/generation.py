@@ -5,7 +5,7 @@ from pathlib import Path
 from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
 from utils.peft_methods import load_adapter
-from utils.templates import Template, get_template
+from utils.templates import Template, pick_template
 from utils.train import META_FILE, TEMPLATE_FILE
 
 def read_meta(lora_dir):
@@ -37,7 +37,7 @@ def load_for_inference(lora_dir=None, model_name_or_path=None, model_type=None, 
     else:
         path, _, mtype = resolve_model(model_name_or_path, model_type, trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
-        tmpl = get_template(template or get_spec(mtype).template, tokenizer)
+        tmpl = pick_template(template, get_spec(mtype).template, tokenizer)
         model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id)
         model.eval()
         info = {"base_model": model_name_or_path or EMBEDDED_ALIAS, "model_type": mtype, "adapter": None, "template": tmpl.name,

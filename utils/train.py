@@ -16,7 +16,7 @@ from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
 from utils.peft_methods import (attach_adapter, check_dtype, check_gradient_checkpointing, count_parameters, preset_params, quantization_bits,
                                 save_adapter, steps_for_run)
-from utils.templates import get_template
+from utils.templates import pick_template
 
 META_FILE = "finetune_meta.json"
 TEMPLATE_FILE = "template.json"
@@ -76,58 +76,227 @@ def print_data_report(report, train, tokenizer):
     print(data_lib.render_masked(tokenizer, ex["input_ids"], ex["labels"]))
 
 
-def _training_arguments(train_args, output_dir, has_val):
+BF16_LOSS_TOLERANCE = 0.02  # --bf16 auto keeps fp32 when the first batch's bf16 loss is further off than this
+
+
+def decide_bf16(flag, cuda=False, cpu_bf16=False, weights_dtype="float32", quantized=False):
+    """(autocast in bf16?, why) for --bf16 auto|on|off; `on` where it cannot work is an error, not a fallback."""
+    def refuse(why):
+        if flag == "on":
+            raise UserError(f"--bf16 on: {why}; use --bf16 off (or auto)")
+        return False, why
+
+    if flag == "off":
+        return False, "--bf16 off"
+    if weights_dtype != "float32":
+        return refuse(f"the weights are already {weights_dtype} (--dtype)")
+    if quantized:
+        return refuse("the base is quantized (its layers compute in their own dtype)")
+    if cuda:
+        import torch
+
+        if flag == "on" and torch.cuda.is_bf16_supported():
+            return True, "--bf16 on"
+        return refuse("this GPU does not support bfloat16" if flag == "on" else
+                      "on a GPU, --dtype auto already loads half-precision weights")
+    if not cpu_bf16:
+        return refuse("this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+    return True, "--bf16 on" if flag == "on" else "the CPU has native bfloat16 (AVX512-BF16 / AMX)"
+
+
+def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, quant_bits):
+    """Choose and verify the fast paths: packing (else length grouping), selective logits, bf16 autocast.
+
+    Returns (plan dict for the metadata, collator, train dataset: with a `length` column when grouping).
+    """
+    import torch
+
+    from utils import packing
+    from utils.peft_methods import cpu_has_bf16
+
+    plan, notes = {}, []
+    if data_args.packing == "off":
+        plan["packing"], why = False, "--packing off"
+    elif peft_type in packing.PROMPT_LEARNING_METHODS:
+        if data_args.packing == "on":
+            raise UserError(f"--packing on cannot be used with --peft_type {peft_type}: its virtual tokens / key-value "
+                            "prefix own the positions and the attention mask; use --packing off")
+        plan["packing"], why = False, f"{peft_type} prepends virtual tokens"
+    else:
+        plan["packing"], why = packing.check_packing(model)
+        if not plan["packing"] and data_args.packing == "on":
+            raise UserError(f"--packing on: this model's attention does not keep packed samples apart ({why}); "
+                            "use --packing off")
+    group = data_args.group_by_length
+    plan["group_by_length"] = bool(group) if group is not None else (not plan["packing"] and data_args.packing == "auto")
+    if plan["packing"]:
+        coef = packing.attention_cost_per_position(_unwrap_config(model))
+        collator = packing.PackingCollator(pad_token_id, data_args.cutoff_len, coef)
+        notes.append(f"packing on (each batch's samples in rows of <= {data_args.cutoff_len} tokens, per-sample "
+                     f"position_ids; isolation checked: {why})")
+    else:
+        collator = PadCollator(pad_token_id)
+        notes.append(f"packing off ({why})")
+    if plan["group_by_length"]:
+        if "length" not in train.column_names:
+            import pyarrow.compute as pc
+
+            lengths = pc.list_value_length(train.with_format("arrow")[:]["input_ids"]).to_pylist()
+            train = train.add_column("length", lengths)
+        notes.append("length-grouped batches")
+    plan["selective_loss"] = False
+    if peft_type in packing.SELECTIVE_LOSS_METHODS:
+        plan["selective_loss"], why = packing.check_selective_loss(model)
+        notes.append("logits only at trained positions" if plan["selective_loss"] else f"full logits ({why})")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    plan["bf16"], why = decide_bf16(train_args.bf16, torch.cuda.is_available(), cpu_has_bf16(),
+                                    str(dtype).replace("torch.", ""), bool(quant_bits))
+    if plan["bf16"] and train_args.bf16 == "auto":
+        probe = collator([train[i] for i in range(min(len(train), 4))])
+        fp32, bf16 = packing.batch_loss(model, probe), packing.batch_loss(model, probe, bf16=True)
+        gap = abs(bf16 - fp32) / max(abs(fp32), 1e-6)
+        plan["bf16_check"] = {"fp32_loss": round(fp32, 5), "bf16_loss": round(bf16, 5), "relative_gap": round(gap, 5)}
+        if gap > BF16_LOSS_TOLERANCE:
+            plan["bf16"], why = False, (f"first-batch loss {bf16:.4f} in bf16 vs {fp32:.4f} in fp32 is "
+                                        f"{100 * gap:.1f}% apart (> {100 * BF16_LOSS_TOLERANCE:.0f}%)")
+        else:
+            why += f"; first-batch loss {bf16:.4f} vs {fp32:.4f} in fp32 ({100 * gap:.2f}% apart)"
+    notes.append(f"bf16 autocast {'on' if plan['bf16'] else 'off'} ({why})")
+    plan["summary"] = "; ".join(notes)
+    return plan, collator, train
+
+
+def _unwrap_config(model):
+    return getattr(model, "config", None) or model.get_base_model().config
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process():
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def _report_to(name):
+    """Experiment trackers for the Trainer; wandb runs offline when no API key is configured."""
+    if name in ("none", "", None):
+        return []
+    names = ["tensorboard", "wandb"] if name == "all" else [name]
+    import importlib.util
+
+    for n in names:
+        pkg = "tensorboard" if n == "tensorboard" else "wandb"
+        if importlib.util.find_spec(pkg) is None:
+            raise UserError(f"--report_to {n} needs the {pkg} package; run `pip install {pkg}` or use --report_to none")
+    if "wandb" in names and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        netrc = Path.home() / ".netrc"
+        if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no API key configured, logging offline (upload later with `wandb sync`)")
+    return names
+
+
+def _training_arguments(train_args, output_dir, has_val, speed=None):
     import torch
     from transformers import TrainingArguments
 
-    report_to = [] if train_args.report_to in ("none", "", None) else [train_args.report_to]
-    return TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=train_args.per_gpu_train_batch_size,
-        per_device_eval_batch_size=train_args.per_gpu_train_batch_size,
-        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        learning_rate=train_args.learning_rate,
-        num_train_epochs=train_args.epochs,
-        max_steps=train_args.max_steps,
-        warmup_steps=train_args.warmup_steps,
-        lr_scheduler_type=train_args.lr_scheduler_type,
-        weight_decay=train_args.weight_decay,
-        logging_steps=train_args.logging_steps,
-        logging_first_step=True,
-        save_steps=train_args.save_steps,
-        save_total_limit=train_args.save_total_limit,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=(train_args.eval_steps or train_args.save_steps) if has_val else None,
-        seed=train_args.seed,
-        report_to=report_to,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if train_args.gradient_checkpointing else {}),
-    )
+    extra = {}
+    if speed and speed.get("bf16"):
+        extra["bf16"] = True  # autocast: fp32 weights, bf16 matmuls (on CPU through accelerate)
+    if speed and speed.get("group_by_length"):
+        extra.update(train_sampling_strategy="group_by_length", length_column_name="length")
+    if train_args.gradient_checkpointing:
+        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world_size() > 1 and not torch.cuda.is_available():
+        extra["ddp_backend"] = "gloo"  # CPU processes talk over gloo (set only when distributed)
+    if train_args.deepspeed:
+        extra["deepspeed"] = train_args.deepspeed
+    if train_args.fsdp or train_args.fsdp_config:
+        extra.update(fsdp=True, fsdp_config=train_args.fsdp_config)
+    try:
+        return TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=train_args.per_gpu_train_batch_size,
+            per_device_eval_batch_size=train_args.per_gpu_train_batch_size,
+            gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+            learning_rate=train_args.learning_rate,
+            num_train_epochs=train_args.epochs,
+            max_steps=train_args.max_steps,
+            warmup_steps=train_args.warmup_steps,
+            lr_scheduler_type=train_args.lr_scheduler_type,
+            weight_decay=train_args.weight_decay,
+            logging_steps=train_args.logging_steps,
+            logging_first_step=True,
+            save_steps=train_args.save_steps,
+            save_total_limit=train_args.save_total_limit,
+            eval_strategy="steps" if has_val else "no",
+            eval_steps=(train_args.eval_steps or train_args.save_steps) if has_val else None,
+            seed=train_args.seed,
+            report_to=_report_to(train_args.report_to),
+            remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=torch.cuda.is_available(),
+            include_num_input_tokens_seen="non_padding",
+            **extra,
+        )
+    except ImportError as exc:  # e.g. --deepspeed without the deepspeed package
+        raise UserError(f"{str(exc).splitlines()[0]}; install it or drop the option") from None
 
 
-def plot_loss(log_history, path):
+def plot_curves(log_history, path):
+    """loss (train, validation), learning rate and gradient norm against the step, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    series = {k: [(h["step"], h[k]) for h in log_history if k in h] for k in ("loss", "eval_loss", "learning_rate",
+                                                                              "grad_norm")}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, keys, title in zip(axes, (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",)),
+                               ("loss", "learning rate", "gradient norm")):
+        for k in keys:
+            if series[k]:
+                ax.plot(*zip(*series[k]), "o-" if k == "eval_loss" else "-",
+                        label={"loss": "train", "eval_loss": "validation"}.get(k, k), markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def check_engines(train_args):
+    """--deepspeed / --fsdp_config: the files exist and DeepSpeed is installed, before anything is loaded."""
+    import importlib.util
+
+    for flag in ("deepspeed", "fsdp_config"):
+        value = getattr(train_args, flag)
+        if value and not Path(value).is_file():
+            raise UserError(f"--{flag} {value} does not exist; pass a JSON config such as configs/ds_zero2.json")
+    if train_args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("--deepspeed needs the deepspeed package (and GPUs); run `pip install deepspeed` or drop it")
+
+
+def resolve_resume(value, output_dir, say=print):
+    """--resume_from_checkpoint: 'latest' -> the newest complete checkpoint (or None), a path -> itself."""
+    from utils.trainer import latest_checkpoint
+
+    if value is None:
+        return None
+    if value.lower() in ("latest", "true", "last"):
+        found = latest_checkpoint(output_dir, say=say)
+        if found is None:
+            say(f"resume: no complete checkpoint in {output_dir}; starting from the beginning")
+        return found
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {value} is not a complete checkpoint directory; pass a "
+                        "checkpoint-N folder or the flag alone to take the latest in --output_dir")
+    return value
 
 
 @dataclass
@@ -143,6 +312,7 @@ class Run:
     report: dict
     meta: dict
     output_dir: Path
+    resume: str = None  # the checkpoint to resume from, if any
 
 
 def build_run(model_args, data_args, peft_args, train_args):
@@ -155,31 +325,50 @@ def build_run(model_args, data_args, peft_args, train_args):
     quant_bits = quantization_bits(model_args, peft_args)
     check_dtype(model_args.dtype)
     check_gradient_checkpointing(peft_args.peft_type, train_args.gradient_checkpointing)
+    check_engines(train_args)
     path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
                                         model_args.trust_remote_code)
     spec = get_spec(model_type)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
-    template = get_template(data_args.template or spec.template, tokenizer, data_args.prompt_lang)
+    template = pick_template(data_args.template, spec.template, tokenizer, data_args.prompt_lang)
     train, val, report = prepare_data(data_args, tokenizer, template, train_args.seed)
-    print(f"model: {model_args.model_name_or_path or EMBEDDED_ALIAS} ({model_type}) from {path}; "
-          f"template: {template.name}; peft: {peft_args.peft_type}")
-    print_data_report(report, train, tokenizer)
+    main = is_main_process()  # under torchrun only rank 0 prints and writes files
+    if main:
+        print(f"model: {model_args.model_name_or_path or EMBEDDED_ALIAS} ({model_type}) from {path}; "
+              f"template: {template.name}; peft: {peft_args.peft_type}")
+        print_data_report(report, train, tokenizer)
     if data_args.dry_run:
         return None
 
     output_dir = Path(train_args.output_dir or f"saved_models/{model_type}_{peft_args.peft_type}")
+    resume = resolve_resume(train_args.resume_from_checkpoint, output_dir, say=print if main else (lambda *a: None))
     model = load_model(path, model_args.dtype, model_args.trust_remote_code, tokenizer.pad_token_id, quant_bits)
     total_steps = steps_for_run(len(train), train_args.per_gpu_train_batch_size, train_args.gradient_accumulation_steps,
-                                train_args.epochs, train_args.max_steps, int(os.environ.get("WORLD_SIZE", 1)))
+                                train_args.epochs, train_args.max_steps, world_size())
+    from transformers import set_seed
+
+    set_seed(train_args.seed)  # adapter init (e.g. LoRA A) depends on --seed alone: runs are reproducible
     model, callbacks = attach_adapter(model, peft_args, spec, total_steps, train_args.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
+    global_batch = train_args.per_gpu_train_batch_size * train_args.gradient_accumulation_steps * world_size()
+    if main:
+        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
+        print(f"batch: global {global_batch} = {train_args.per_gpu_train_batch_size} per device x "
+              f"{train_args.gradient_accumulation_steps} accumulation x {world_size()} processes; {total_steps} "
+              "optimizer steps")
 
-    from transformers import Trainer
+    from utils.packing import FastTrainer
+    from utils.trainer import ThroughputCallback
 
-    trainer = Trainer(model=model, args=_training_arguments(train_args, str(output_dir), bool(val)),
-                      train_dataset=train, eval_dataset=val or None,
-                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
+    speed, collator, train = speed_plan(model, train, data_args, train_args, peft_args.peft_type,
+                                        tokenizer.pad_token_id, quant_bits)
+    if main:
+        print(f"speed: {speed['summary']}")
+    trainer = FastTrainer(model=model, args=_training_arguments(train_args, str(output_dir), bool(val), speed),
+                          train_dataset=train, eval_dataset=val or None, data_collator=collator, callbacks=callbacks)
+    trainer.selective = speed["selective_loss"]
+    trainer.throughput = ThroughputCallback(trainer.callback_handler)
+    trainer.add_callback(trainer.throughput)
     meta = {
         "base_model": model_args.model_name_or_path or EMBEDDED_ALIAS,
         "base_model_resolved": str(path),
@@ -195,34 +384,41 @@ def build_run(model_args, data_args, peft_args, train_args):
         "dtype": model_args.dtype,
         "arguments": {**asdict(model_args), **asdict(data_args), **asdict(peft_args), **asdict(train_args)},
         "data_report": report,
+        "global_batch": global_batch,
+        "world_size": world_size(),
+        "speed": speed,
     }
     return Run((model_args, data_args, peft_args, train_args), trainer, model, tokenizer, template, train, val,
-               report, meta, output_dir)
+               report, meta, output_dir, resume)
 
 
 def finish_run(run, result, runtime):
-    """Save adapter, tokenizer, template, metadata, metrics and the loss plot into the output dir."""
+    """Save adapter, tokenizer, template, metadata, metrics and the curves plot (rank 0 only)."""
     trainer, out = run.trainer, run.output_dir
+    if run.val:
+        eval_loss = trainer.evaluate()["eval_loss"]  # every rank takes part in evaluation
+    if not trainer.is_world_process_zero():
+        return None
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(run.model, out, run.meta["peft_type"])
     run.tokenizer.save_pretrained(out)
     (out / TEMPLATE_FILE).write_text(run.template.to_json(), encoding="utf-8")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    epochs_done = trainer.state.epoch or 0
-    tokens = sum(map(len, run.train["input_ids"])) * epochs_done
     metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
                "last_logged_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
-               "epochs": epochs_done, "runtime_s": round(runtime, 2),
-               "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+               "epochs": trainer.state.epoch or 0, "runtime_s": round(runtime, 2),
+               "tokens_seen": trainer.state.num_input_tokens_seen,
+               "tokens_per_s": round(trainer.throughput.rate(trainer.state), 1) if trainer.throughput else None,
+               "global_batch": run.meta["global_batch"],
                "trainable_params": run.meta["trainable_params"], "total_params": run.meta["total_params"]}
     if run.val:
-        ev = trainer.evaluate()
-        metrics["eval_loss"] = ev["eval_loss"]
-        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+        metrics["eval_loss"] = eval_loss
+        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
     meta = dict(run.meta, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    plot_loss(trainer.state.log_history, out / "loss.png")
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
+    plot_curves(trainer.state.log_history, out / "loss.png")
     print(f"saved adapter, template and metadata to {out}/; loss {metrics['first_logged_loss']} -> "
           f"{metrics['last_logged_loss']} in {metrics['global_step']} steps, {runtime:.0f} s")
     return metrics
@@ -232,7 +428,11 @@ def run_finetune(model_args, data_args, peft_args, train_args):
     run = build_run(model_args, data_args, peft_args, train_args)
     if run is None:
         return None
+    resume = run.resume
+    if resume and is_main_process():
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from {resume} (step {step})")
     start = time.time()
-    result = run.trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    result = run.trainer.train(resume_from_checkpoint=resume)
     finish_run(run, result, time.time() - start)
     return run.output_dir

@@ -1,0 +1,192 @@
+"""Scale-out and robustness: torchrun on gloo equals one process, accumulation invariance, kill -9 and resume,
+half-written checkpoints ignored, tensorboard / wandb offline logs, shipped DeepSpeed/FSDP configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def rows16(tmp_path_factory):
+    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:32]
+    path = tmp_path_factory.mktemp("data") / "rows.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def _args(model, data, out, *extra):
+    return ["--model_name_or_path", str(model), "--data", str(data), "--output_dir", str(out), "--cutoff_len", "256",
+            "--lora_dropout", "0", "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "1000", "--bf16", "off", *extra]
+
+
+def _env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
+def _history(out, key="loss"):
+    return [h[key] for h in json.loads((Path(out) / "log_history.json").read_text()) if key in h]
+
+
+def test_two_gloo_processes_equal_one_process_with_double_batch(tiny_llama_dir, rows16, tmp_path):
+    steps = ["--max_steps", "3"]
+    one = subprocess.run([sys.executable, str(ROOT / "uniform_finetune.py"),
+                          *_args(tiny_llama_dir, rows16, tmp_path / "one", "--per_gpu_train_batch_size", "8", *steps)],
+                         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          str(ROOT / "uniform_finetune.py"),
+                          *_args(tiny_llama_dir, rows16, tmp_path / "two", "--per_gpu_train_batch_size", "4", *steps)],
+                         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert b == pytest.approx(a, abs=1e-4)  # same rows per step (sharded, not duplicated), same init (--seed)
+    assert _history(tmp_path / "two", "grad_norm") == pytest.approx(_history(tmp_path / "one", "grad_norm"), rel=1e-4)
+    assert "global 8 = 4 per device x 1 accumulation x 2 processes" in two.stdout
+    assert two.stdout.count("parameters:") == 1  # only rank 0 prints
+    meta = json.loads((tmp_path / "two" / "finetune_meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["global_batch"] == 8
+
+
+def test_torch_distributed_launch_passes_local_rank(tiny_llama_dir, rows16, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "1", "--master_port",
+                          "29534", str(ROOT / "uniform_finetune.py"),
+                          *_args(tiny_llama_dir, rows16, tmp_path / "launch", "--max_steps", "1")],
+                         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "launch" / "adapter_model.safetensors").is_file()
+
+
+def test_accumulation_invariance(tiny_llama_dir, rows16, tmp_path):
+    from utils.args import parse_finetune_args
+    from utils.train import build_run
+
+    def losses(out, *extra):
+        run = build_run(*parse_finetune_args(_args(tiny_llama_dir, rows16, out, "--max_steps", "3", *extra)))
+        run.trainer.train()
+        return [h["loss"] for h in run.trainer.state.log_history if "loss" in h]
+
+    a = losses(tmp_path / "a", "--per_gpu_train_batch_size", "4", "--gradient_accumulation_steps", "1")
+    b = losses(tmp_path / "b", "--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "4")
+    assert b == pytest.approx(a, abs=1e-4)
+
+
+def test_kill_9_then_resume_reaches_the_same_final_step(tiny_llama_dir, rows16, tmp_path):
+    out = tmp_path / "run"
+    args = _args(tiny_llama_dir, rows16, out, "--max_steps", "400", "--save_steps", "5", "--save_total_limit", "2",
+                 "--per_gpu_train_batch_size", "2", "--logging_steps", "50")
+    cmd = [sys.executable, str(ROOT / "uniform_finetune.py"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint-10").is_dir():
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter_model.safetensors").exists()
+    # a half-written checkpoint (as if killed while saving) must be ignored
+    (out / "checkpoint-999").mkdir()
+    (out / "checkpoint-999" / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    res = subprocess.run(cmd + ["--resume_from_checkpoint"], capture_output=True, text=True, timeout=900,
+                         env=_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ignoring" in res.stdout and "checkpoint-999" in res.stdout and "it is incomplete" in res.stdout
+    assert "resuming from" in res.stdout
+    resumed_at = int(res.stdout.split("resuming from")[1].split("(step ")[1].split(")")[0])
+    assert resumed_at >= 10 and resumed_at % 5 == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 400
+    assert (out / "adapter_model.safetensors").is_file()
+    kept = sorted(p.name for p in out.glob("checkpoint-*") if p.name != "checkpoint-999")
+    assert len(kept) <= 2  # --save_total_limit
+
+
+def test_latest_checkpoint_picks_complete_ones(tmp_path):
+    from utils.trainer import latest_checkpoint
+
+    for step, complete in ((5, True), (10, True), (15, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    said = []
+    assert latest_checkpoint(tmp_path, say=said.append) == str(tmp_path / "checkpoint-10")
+    assert said and "checkpoint-15" in said[0]
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_bad_resume_path_is_one_sentence(tmp_path):
+    from conftest import run_script
+
+    res = run_script("uniform_finetune.py", "--resume_from_checkpoint", tmp_path, "--max_steps", "1",
+                     "--data", "arith_sample:8", "--output_dir", tmp_path / "o")
+    assert res.returncode == 2
+    assert "is not a complete checkpoint directory" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_trackers_write_their_files(tracker, tiny_llama_dir, rows16, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is None:
+        pytest.skip(f"{tracker} is not installed")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    from uniform_finetune import main
+
+    main(_args(tiny_llama_dir, rows16, tmp_path / "out", "--max_steps", "2", "--report_to", tracker))
+    if tracker == "tensorboard":
+        events = list(tmp_path.rglob("events.out.tfevents.*"))
+    else:
+        assert os.environ.get("WANDB_MODE") == "offline"
+        events = list((tmp_path / "wandb_dir").rglob("*.wandb"))
+    assert events, f"no {tracker} files written"
+
+
+def test_curves_png_has_loss_lr_and_grad_norm(tmp_path):
+    from utils.train import plot_curves
+
+    history = [{"step": i, "loss": 2.0 / i, "learning_rate": 1e-3 * (1 - i / 10), "grad_norm": 0.5} for i in range(1, 9)]
+    history.append({"step": 8, "eval_loss": 0.4})
+    plot_curves(history, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name,stage", [("ds_zero2.json", 2), ("ds_zero3.json", 3), ("ds_zero3_offload.json", 3)])
+def test_deepspeed_configs_parse(name, stage):
+    cfg = json.loads((ROOT / "configs" / name).read_text())
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["gradient_accumulation_steps"] == "auto"
+    if "offload" in name:
+        assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_fsdp_config_is_accepted_by_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=str(ROOT / "configs" / "fsdp.json"),
+                             use_cpu=True)
+    assert args.fsdp_config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_deepspeed_without_the_package_is_one_sentence(tmp_path):
+    import importlib.util
+
+    from conftest import run_script
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    res = run_script("uniform_finetune.py", "--deepspeed", ROOT / "configs" / "ds_zero2.json", "--max_steps", "1",
+                     "--data", "arith_sample:8", "--output_dir", tmp_path / "o", "--model_name_or_path", "/nonexistent")
+    assert res.returncode == 2 and "Traceback" not in res.stderr  # refused before the (missing) model is looked at
+    assert "--deepspeed needs the deepspeed package" in res.stderr
