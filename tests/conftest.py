@@ -1,6 +1,10 @@
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,36 @@ def tiny_llama_dir(tmp_path_factory, embedded_dir, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """The first 16 rows of the project's sample data, as a file (fast training runs)."""
+    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:16]
+    path = tmp_path_factory.mktemp("data") / "rows.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def start_server(app):
+    """Run an ASGI app with uvicorn in a background thread on a free 127.0.0.1 port; (server, thread, url)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def stop_server(server, thread):
+    server.should_exit = True
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the server did not shut down"

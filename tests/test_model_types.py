@@ -21,14 +21,6 @@ def remote_sentence(model_type):
     return f"--model_type {model_type} runs code shipped with the checkpoint; pass --trust_remote_code if you trust it"
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:16]
-    path = tmp_path_factory.mktemp("data") / "rows.json"
-    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
 def tiny_model(config_type, tokenizer, path):
     """A random 2-layer, hidden-64 model of this architecture with the SmolLM2 tokenizer, saved to `path`."""
     import torch

@@ -26,14 +26,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:16]
-    path = tmp_path_factory.mktemp("data") / "rows.json"
-    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
 def finetune_args(model_dir, data, out, peft_type, *extra, steps=3):
     from utils.args import parse_finetune_args
 

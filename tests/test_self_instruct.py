@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, start_server, stop_server
 from utils.errors import UserError
 from utils import self_instruct as si
 
@@ -437,32 +437,19 @@ def test_readme_has_flags_table():
 def test_loop_against_our_server(tiny_llama_dir, tmp_path):
     pytest.importorskip("uvicorn")
     server_mod = pytest.importorskip("utils.server")
-    import socket
-    import time
-
-    import uvicorn
-
     from utils.args import GenerationArguments, ModelArguments, ServeArguments
 
     app = server_mod.create_app(ServeArguments(served_name="tiny", api_key="local"),
                                 ModelArguments(model_name_or_path=str(tiny_llama_dir)),
                                 GenerationArguments(max_new_tokens=16), log=lambda m: None)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
+    server, thread, base = start_server(app)
     try:
         seeds = tmp_path / "seeds.jsonl"  # short prompts: the tiny model's context is 512 tokens
         seeds.write_text("".join(json.dumps({"instruction": f"Name a {w} animal.", "instances": [
             {"input": "", "output": w}]}) + "\n" for w in ["big", "small", "fast"]), encoding="utf-8")
         header = tmp_path / "header.txt"
         header.write_text("List {num_tasks} tasks.", encoding="utf-8")
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        url = f"{base}/v1"
         for completions in (False, True):
             out = tmp_path / f"server_{completions}.jsonl"
             args = si.SelfInstructArguments(seed_tasks=str(seeds), output=str(out), base_url=url, model="tiny",
@@ -476,5 +463,4 @@ def test_loop_against_our_server(tiny_llama_dir, tmp_path):
             assert stats["kept"] == len(rows) and _adds_up(stats)
             assert json.loads(si.stats_path(out).read_text()) == stats
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        stop_server(server, thread)

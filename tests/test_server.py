@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, start_server, stop_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -28,30 +28,6 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-def start_server(app):
-    """Run app with uvicorn in a background thread on a free 127.0.0.1 port; returns (server, thread, url)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-def stop_server(server, thread):
-    server.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the server did not shut down"
-
-
 def client(url, api_key="unused"):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
 

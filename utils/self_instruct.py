@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import sys
 import threading
 import time
 import urllib.error

@@ -11,7 +11,7 @@ The template used for training is written to `template.json` beside the adapter 
 inference script, so there is never a second copy to drift.
 """
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from utils.errors import UserError
