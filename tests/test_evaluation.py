@@ -41,6 +41,7 @@ def test_multi_answer_counts_only_an_exact_set():
     ("Natalia sold 48+24 = 72 clips.\n#### 72", "72"),
     ("She earns 0.2 x 50 = 10 dollars.\nThe answer is $10.", "$10"),
     ("So the answer is 3.5.", "3.5"),
+    ("The options are listed.\n\nThe answer is:\n- beer", "beer"),
     ("所以答案是 42。", "42"),
     ("To answer this question, we think first.", None),
     ("I am not sure.", None),

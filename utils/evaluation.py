@@ -93,8 +93,8 @@ def extract_choice(text, allowed="ABCD"):
 
 
 _FINAL = re.compile(
-    r"####\s*(?P<a>[^\n]+)"
-    r"|(?<![A-Za-z])answer\s*(?:[:：]|\s+(?:is|was|would\s+be|will\s+be)\b\s*[:：]?)[ \t]*(?P<b>[^\n]+)"
+    r"####\s*(?P<a>[^\n]*\w[^\n]*)"
+    r"|(?<![A-Za-z])answer\s*(?:[:：]|\s+(?:is|was|would\s+be|will\s+be)\b\s*[:：]?)\s*(?:[-*•]\s+)?(?P<b>[^\n]*\w[^\n]*)"
     r"|(?:最终答案|答案)\s*(?:是|为|[:：])\s*(?P<c>[^\n]+)", re.I)
 
 
