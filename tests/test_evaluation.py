@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_script
+from conftest import ROOT, SHARED_DATA, run_script, start_server, stop_server
 from utils.evaluation import (answers_match, extract_choice, extract_final_answer, letter_set, mc_correct,
                               parse_judge_score, parse_number)
 
@@ -252,27 +252,15 @@ def test_belle_with_a_stub_judge_and_its_cache(tiny_llama_dir, tmp_path, stub_ju
 
 def test_belle_with_our_server_as_judge(tiny_llama_dir, tmp_path, monkeypatch):
     pytest.importorskip("uvicorn")
-    import socket
-
-    import uvicorn
-
     from utils.args import GenerationArguments, ModelArguments, ServeArguments
     from utils.evaluation import Judge
     from utils.server import create_app
 
     app = create_app(ServeArguments(served_name="judge"), ModelArguments(model_name_or_path=str(tiny_llama_dir)),
                      GenerationArguments(max_new_tokens=8), log=lambda m: None)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    server, thread, base = start_server(app)
     try:
-        for _ in range(600):
-            if server.started:
-                break
-            threading.Event().wait(0.1)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        url = f"{base}/v1"
         rows = [json.loads(l) for l in (BELLE / "eval_set_dev.jsonl").read_text(encoding="utf-8").splitlines()]
         short = sorted(rows, key=lambda r: len(r["question"]) + len(r["std_answer"]))[:2]  # the tiny judge reads 512 tokens
         data = tmp_path / "belle_short.jsonl"
@@ -288,8 +276,7 @@ def test_belle_with_our_server_as_judge(tiny_llama_dir, tmp_path, monkeypatch):
         monkeypatch.setattr(Judge, "__call__", lambda self, content: pytest.fail("the judge was asked again"))
         assert _eval(*args)["metrics"] == m
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        stop_server(server, thread)
 
 
 def test_judge_client_without_openai_package(stub_judge):
