@@ -20,6 +20,7 @@ With answer-only loss that skips most of the (hidden x vocab) LM-head work and t
 `check_selective_loss` verifies it against the model's own loss first; methods that add terms to the model's
 loss (AdaLoRA's orthogonality penalty) or shift positions (prompt learning) keep the model's own loss.
 """
+import contextlib
 import heapq
 import math
 
@@ -50,7 +51,9 @@ def attention_cost_per_position(config):
     kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     inter = getattr(cfg, "intermediate_size", None) or 4 * h
     linear = h * (heads * head_dim) * 2 + 2 * h * kv + 3 * h * inter  # q, o, k, v, gated MLP
-    return 2.0 * heads * head_dim / linear  # QK^T and AV per key position
+    # QK^T and AV per key position, x2: attention kernels run at about half the efficiency of the big matmuls
+    # (fitted on SmolLM2-135M, bf16 autocast, 2 CPU cores: rows of 203 / 404 / 808 tokens, see bench/RESULTS.md)
+    return 2.0 * 2.0 * heads * head_dim / linear
 
 
 def pack_rows(lengths, capacity, attn_coef=0.0):
@@ -136,6 +139,27 @@ def _forward(model, **kwargs):
     return model(**kwargs, use_cache=False)
 
 
+@contextlib.contextmanager
+def _probe_mode(model):
+    """Deterministic forwards for the checks: eval mode, except over bitsandbytes 4-bit layers on a CPU.
+
+    There an eval-mode forward repacks the 4-bit weights for CPU inference, after which they no longer train;
+    so those models are probed in train mode with every dropout set to 0, and everything is restored after.
+    """
+    was_training = model.training
+    cpu_4bit = not torch.cuda.is_available() and any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    drops = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)] if cpu_4bit else []
+    for m, _ in drops:
+        m.p = 0.0
+    model.train(cpu_4bit)
+    try:
+        yield
+    finally:
+        for m, p in drops:
+            m.p = p
+        model.train(was_training)
+
+
 def check_packing(model, vocab_size=None, seed=1234):
     """(ok, detail): are two samples packed into one row kept apart, each getting the logits it gets alone?
 
@@ -152,18 +176,14 @@ def check_packing(model, vocab_size=None, seed=1234):
     a1, a2 = (torch.randint(5, vocab_size, (1, 11), generator=gen) for _ in range(2))
     b = torch.randint(5, vocab_size, (1, 7), generator=gen)
     pos = torch.cat([torch.arange(11), torch.arange(7)]).unsqueeze(0)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _probe_mode(model), torch.no_grad():
             alone_a = _forward(model, input_ids=a1).logits.float()
             alone_b = _forward(model, input_ids=b).logits.float()
             packed1 = _forward(model, input_ids=torch.cat([a1, b], 1), position_ids=pos).logits.float()
             packed2 = _forward(model, input_ids=torch.cat([a2, b], 1), position_ids=pos).logits.float()
     except Exception as exc:  # an attention implementation that cannot take position_ids this way
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    finally:
-        model.train(was_training)
     scale = max(alone_a.abs().max().item(), alone_b.abs().max().item(), 1e-6)
     leak = (packed1[:, 11:] - packed2[:, 11:]).abs().max().item() / scale
     if leak > 1e-4:
@@ -212,16 +232,12 @@ def check_selective_loss(model, vocab_size=None, seed=4321):
     labels = ids.clone()
     labels[:, :5] = -100
     labels[1, 9:] = -100
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _probe_mode(model), torch.no_grad():
             own = _forward(model, input_ids=ids, labels=labels).loss.float().item()
             mine = selective_loss(model, {"input_ids": ids, "labels": labels})[0].item()
     except Exception as exc:
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    finally:
-        model.train(was_training)
     err = abs(own - mine) / max(abs(own), 1e-6)
     tol = 1e-4 if _weights_dtype(model) == torch.float32 else 2e-2
     return err <= tol, f"relative difference to the model's own loss {err:.1e}"
@@ -229,24 +245,18 @@ def check_selective_loss(model, vocab_size=None, seed=4321):
 
 def batch_loss(model, batch, bf16=False):
     """Token-weighted loss of one collated batch in eval mode (no_grad), optionally under CPU bf16 autocast."""
-    import contextlib
-
     model = _unwrap(model)
-    was_training = model.training
-    model.eval()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), ctx:
-            fwd = {k: v for k, v in batch.items() if k != ROW_TOKENS}
-            return _forward(model, **fwd).loss.float().item()
-    finally:
-        model.train(was_training)
+    with _probe_mode(model), torch.no_grad(), ctx:
+        fwd = {k: v for k, v in batch.items() if k != ROW_TOKENS}
+        return _forward(model, **fwd).loss.float().item()
 
 
 class FastTrainer(ToolkitTrainer):
     """ToolkitTrainer that computes the training loss from selected logits and counts packed tokens."""
 
     selective = False  # set by utils.train after check_selective_loss
+    after_train = ()  # callables that undo training-only settings (e.g. the attention implementation)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != ROW_TOKENS}
@@ -259,6 +269,14 @@ class FastTrainer(ToolkitTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
         return loss
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.args.bf16 or self.args.fp16:  # autocast is for the training loop: afterwards the model is itself again
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        for undo in self.after_train:
+            undo()
+        return result
 
     def _track_num_input_tokens(self, inputs):
         if ROW_TOKENS not in inputs or self.args.include_num_input_tokens_seen == "no":
