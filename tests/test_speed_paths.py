@@ -241,3 +241,73 @@ def test_bench_quick_modes_run(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "predict rows/s ours/sequential = " in res.stdout
+
+
+def test_micro_batch_decision():
+    from utils.train import decide_micro_batch
+
+    assert [decide_micro_batch("auto", b)[0] for b in (1, 4, 5, 8, 10, 12, 16)] == [1, 4, 5, 4, 5, 3, 4]
+    assert decide_micro_batch("auto", 8, cuda=True)[0] == 8  # GPUs run the whole batch per pass
+    assert decide_micro_batch("2", 8)[0] == 2 and decide_micro_batch("8", 8)[0] == 8
+    for bad in ("3", "0", "16", "four"):
+        with pytest.raises(UserError, match=f"--micro_batch_size {bad} must be auto or a positive divisor of "
+                                            r"--per_gpu_train_batch_size 8; use auto or one of 1, 2, 4, 8"):
+            decide_micro_batch(bad, 8)
+
+
+def test_micro_batches_give_the_whole_batch_step(tiny_llama_dir, tmp_path):
+    """Passes of 4 or 2 samples with summed gradients = one pass of 8: same losses, gradient norms, token counts."""
+    def train(micro):
+        run = _build(tiny_llama_dir, "arith_sample:24", tmp_path / micro, "--micro_batch_size", micro, "--bf16", "off",
+                     "--per_gpu_train_batch_size", "8", "--epochs", "1", "--lora_dropout", "0")
+        run.trainer.train()
+        hist, args = run.trainer.state.log_history, run.trainer.args
+        return ([h["loss"] for h in hist if "loss" in h], [h["grad_norm"] for h in hist if "grad_norm" in h],
+                run.trainer.state.num_input_tokens_seen, run.trainer.state.global_step,
+                (args.per_device_train_batch_size, args.gradient_accumulation_steps), run.meta["speed"]["summary"])
+
+    whole, auto, two = train("8"), train("auto"), train("2")
+    assert whole[4] == (8, 1) and auto[4] == (4, 2) and two[4] == (2, 4)
+    assert "runs as passes of 4 samples" in auto[5] and "passes of" not in whole[5]
+    for run in (auto, two):
+        assert run[0] == pytest.approx(whole[0], abs=1e-5) and len(run[0]) == 3
+        assert run[1] == pytest.approx(whole[1], rel=1e-4)
+        assert run[2:4] == whole[2:4]
+
+
+def test_fp32_attention_under_autocast_matches_fp32_sdpa_and_keeps_packed_samples_apart(tiny_llama_dir, tokenizer):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from utils.packing import FP32_SDPA, PackingCollator, _sdpa_fp32, register_fp32_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))  # grouped-query heads
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    ref = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _sdpa_fp32(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=0.25)[0]
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, sdpa_attention_forward(module, q.bfloat16().float(), k.bfloat16().float(),
+                                                      v.bfloat16().float(), None, scaling=0.25)[0], atol=1e-6)
+    assert torch.allclose(out, ref, atol=0.05)  # only the bf16 rounding of q, k, v differs from fp32 sdpa
+
+    model = _model(tiny_llama_dir)
+    model.set_attn_implementation(register_fp32_sdpa())
+    assert model.config._attn_implementation == FP32_SDPA
+    batch = PackingCollator(tokenizer.pad_token_id, 256)(_rows(tokenizer, n=5))
+    spans = _spans(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = _logits(model, **batch)
+        for r, s, n in spans:
+            alone = _logits(model, input_ids=batch["input_ids"][r, s:s + n][None])[0]
+            assert torch.allclose(packed[r, s:s + n].float(), alone.float(), atol=0.05 * alone.abs().max().item())
+        r0, s0, n0 = next(sp for sp in spans if sum(r == sp[0] for r, _, _ in spans) > 1)
+        changed = dict(batch, input_ids=batch["input_ids"].clone())
+        changed["input_ids"][r0, s0 + 1:s0 + n0] = torch.randint(100, 1000, (n0 - 1,), generator=g)
+        after = _logits(model, **changed)
+    assert not torch.allclose(after[r0, s0 + 1:s0 + n0], packed[r0, s0 + 1:s0 + n0])
+    for r, s, n in spans:
+        if (r, s) != (r0, s0):  # no other sample sees the change
+            assert torch.allclose(after[r, s:s + n], packed[r, s:s + n], atol=1e-5 * packed.abs().max().item())

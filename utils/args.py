@@ -113,6 +113,11 @@ class TrainArguments:
                                         "Default: saved_models/<model_type>_<peft_type>."})
     per_gpu_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    micro_batch_size: str = field(
+        default="auto",
+        metadata={"help": "Samples per forward/backward pass: a batch runs as passes of this many samples whose "
+                          "gradients add up to the whole batch's (same loss, same steps, less activation memory). "
+                          "auto: on CPU, halve the batch while it is even and over 4; on GPU, the whole batch."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     epochs: float = field(default=3, metadata={"help": "Training epochs (ignored when --max_steps > 0)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use --epochs)."})

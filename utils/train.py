@@ -104,6 +104,26 @@ def decide_bf16(flag, cuda=False, cpu_bf16=False, weights_dtype="float32", quant
     return True, "--bf16 on" if flag == "on" else "the CPU has native bfloat16 (AVX512-BF16 / AMX)"
 
 
+def decide_micro_batch(flag, batch, cuda=False):
+    """(samples per forward/backward pass, why) for --micro_batch_size auto|N and a per-device batch."""
+    if flag != "auto":
+        try:
+            micro = int(flag)
+        except ValueError:
+            micro = 0
+        if micro < 1 or batch % micro:
+            raise UserError(f"--micro_batch_size {flag} must be auto or a positive divisor of "
+                            f"--per_gpu_train_batch_size {batch}; use auto or one of "
+                            f"{', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)}")
+        return micro, f"--micro_batch_size {micro}"
+    if cuda:
+        return batch, "the whole batch per pass on a GPU"
+    micro = batch
+    while micro > 4 and micro % 2 == 0:
+        micro //= 2
+    return micro, "on CPU at most 4 samples per pass where the batch halves evenly (caps activation memory)"
+
+
 def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, quant_bits):
     """Choose and verify the fast paths: packing (else length grouping), selective logits, bf16 autocast.
 
@@ -123,11 +143,12 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
     config = hf_model.config
     plan["attention"] = getattr(config, "_attn_implementation", None)
     if plan["bf16"] and not torch.cuda.is_available() and plan["attention"] == "sdpa":
-        # measured on this AVX512-BF16 CPU: under bf16 autocast the eager kernels (bf16 matmuls, fp32 softmax) run a
-        # LoRA step ~20% faster than sdpa's CPU flash kernel (see bench/RESULTS.md)
-        hf_model.set_attn_implementation("eager")
-        if config._attn_implementation == "eager":
-            plan["attention"] = "eager"
+        # measured on this AVX512-BF16 CPU: sdpa's CPU flash kernel is ~1.5x slower in bf16 than in fp32, so under
+        # autocast the attention runs in fp32 with grouped-query heads (see packing._sdpa_fp32, bench/RESULTS.md)
+        fast = packing.register_fp32_sdpa()
+        hf_model.set_attn_implementation(fast)
+        if config._attn_implementation == fast:
+            plan["attention"] = fast
             undo.append(lambda: hf_model.set_attn_implementation("sdpa"))
 
     def packing_check():
@@ -177,8 +198,13 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
         notes.append("length-grouped batches")
     notes.append("logits only at trained positions" if plan["selective_loss"] else f"full logits ({why_selective})")
     notes.append(f"bf16 autocast {'on' if plan['bf16'] else 'off'} ({why_bf16})")
-    if plan["attention"] == "eager" and undo:
-        notes.append("eager attention while training (faster than sdpa under bf16 on this CPU)")
+    if plan["bf16"] and plan["attention"] != "sdpa" and undo:
+        notes.append(f"attention: {plan['attention']} while training (sdpa's bf16 CPU kernel is slower)")
+    plan["micro_batch"], why_micro = decide_micro_batch(train_args.micro_batch_size, train_args.per_gpu_train_batch_size,
+                                                        torch.cuda.is_available())
+    if plan["micro_batch"] < train_args.per_gpu_train_batch_size:
+        notes.append(f"each batch of {train_args.per_gpu_train_batch_size} runs as passes of {plan['micro_batch']} "
+                     f"samples with summed gradients ({why_micro})")
     plan["summary"] = "; ".join(notes)
     return plan, make_collator(), train, undo
 
@@ -227,12 +253,14 @@ def _training_arguments(train_args, output_dir, has_val, speed=None):
         extra["deepspeed"] = train_args.deepspeed
     if train_args.fsdp or train_args.fsdp_config:
         extra.update(fsdp=True, fsdp_config=train_args.fsdp_config)
+    batch = train_args.per_gpu_train_batch_size
+    micro = (speed or {}).get("micro_batch") or batch  # passes of `micro` samples, gradients summed over the batch
     try:
         return TrainingArguments(
             output_dir=output_dir,
-            per_device_train_batch_size=train_args.per_gpu_train_batch_size,
-            per_device_eval_batch_size=train_args.per_gpu_train_batch_size,
-            gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+            per_device_train_batch_size=micro,
+            per_device_eval_batch_size=micro,
+            gradient_accumulation_steps=train_args.gradient_accumulation_steps * (batch // micro),
             learning_rate=train_args.learning_rate,
             num_train_epochs=train_args.epochs,
             max_steps=train_args.max_steps,
@@ -339,6 +367,7 @@ def build_run(model_args, data_args, peft_args, train_args):
     check_dtype(model_args.dtype)
     check_gradient_checkpointing(peft_args.peft_type, train_args.gradient_checkpointing)
     check_engines(train_args)
+    decide_micro_batch(train_args.micro_batch_size, train_args.per_gpu_train_batch_size)
     path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
                                         model_args.trust_remote_code)
     spec = get_spec(model_type)
