@@ -8,7 +8,8 @@ Run by hand, not in CI:
 ours = `utils.prediction.run_predict` (what predict.py runs: length-sorted batches, left padding), timed end to end
 including its model load, so the ratio is conservative; sequential = the same model, template, prompts and
 generation settings (greedy, --max_new_tokens), one `model.generate` per prompt, model load not timed.
-Also prints the cached model load time (a fresh process: tokenizer + weights from the safetensors cache).
+Also prints the cached model load time (a fresh process: tokenizer + weights from the safetensors cache), apart
+from the time the process spends importing torch and transformers.
 """
 import argparse
 import json
@@ -23,22 +24,29 @@ sys.path.insert(0, str(ROOT))
 COT = ROOT.parent / "shared" / "data" / "cot"
 
 LOAD_SNIPPET = """
-import sys, time, json
-sys.path.insert(0, {root!r})
-from utils.models import load_model, load_tokenizer, resolve_model
+import time
 t0 = time.perf_counter()
+import sys, json
+sys.path.insert(0, {root!r})
+import torch, transformers
+transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase  # transformers' lazy import chain
+from utils.models import load_model, load_tokenizer, resolve_model
+t1 = time.perf_counter()
 path, _, _ = resolve_model({model!r})
 tok = load_tokenizer(path)
 model = load_model(path, "auto", False, tok.pad_token_id)
-print(json.dumps({{"load_s": time.perf_counter() - t0}}))
+t2 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1}}))
 """
 
 
 def cached_load_seconds(model):
-    subprocess.run([sys.executable, "-c", LOAD_SNIPPET.format(root=str(ROOT), model=model)], capture_output=True)  # warm
-    res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET.format(root=str(ROOT), model=model)], capture_output=True,
-                         text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])["load_s"]
+    """(seconds to import torch + transformers, seconds to load tokenizer + weights) in a fresh process, warm cache."""
+    code = LOAD_SNIPPET.format(root=str(ROOT), model=model)
+    subprocess.run([sys.executable, "-c", code], capture_output=True)  # warm the OS file cache
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return out["import_s"], out["load_s"]
 
 
 def main(argv=None):
@@ -72,8 +80,9 @@ def main(argv=None):
     print(f"bench: model {model}; data {data}; batch {a.batch_size}; greedy, max_new_tokens {new}; "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
-    load_s = cached_load_seconds(model)
-    print(f"model load (cached, fresh process, tokenizer + weights) = {load_s:.2f} s")
+    import_s, load_s = cached_load_seconds(model)
+    print(f"model load (cached, fresh process): tokenizer + weights = {load_s:.2f} s, after importing torch + "
+          f"transformers = {import_s:.2f} s (paid by any PyTorch program); {import_s + load_s:.2f} s in all")
 
     t0 = time.perf_counter()
     out = run_predict(ModelArguments(model_name_or_path=model),

@@ -241,6 +241,11 @@ def test_bench_quick_modes_run(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "predict rows/s ours/sequential = " in res.stdout
+    res = subprocess.run([sys.executable, "bench/train_ablation.py", "--reps", "1", "--n", "16"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    table = res.stdout[res.stdout.index("configuration"):].splitlines()
+    assert len(table) == 9 and table[1].startswith("ours (default)") and table[1].split()[-1] == "1.00"
 
 
 def test_micro_batch_decision():

@@ -1,0 +1,107 @@
+"""What each fast path of the training step gives: one process, the same batches, configurations interleaved.
+
+Run by hand, not in CI:
+
+    .venv/bin/python bench/train_ablation.py             # embedded SmolLM2-135M, real CoT rows, 8 reps (~5 min)
+    .venv/bin/python bench/train_ablation.py --reps 2    # shorter
+
+The model, LoRA (r=8, alpha 16, dropout 0.05 on q_proj/v_proj) and rows are built exactly as uniform_finetune.py
+builds them (utils.train.build_run); then each configuration runs forward + backward of the same 8-sample batches,
+one configuration after another within every rep (so slow drifts of the machine hit all of them alike). The
+optimizer step is left out (the same tiny LoRA update for all). Reported: median seconds per 8-sample step and
+useful (non-padding) tokens per second, relative to our default path.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+COT = ROOT.parent / "shared" / "data" / "cot"
+
+# name: (packing, logits only at trained positions, bf16 autocast, attention while training, samples per pass)
+CONFIGS = {
+    "ours (default)": (True, True, True, "fp32_sdpa", 4),
+    "whole batch per pass": (True, True, True, "fp32_sdpa", 8),
+    "sdpa in bf16": (True, True, True, "sdpa", 4),
+    "eager attention": (True, True, True, "eager", 4),
+    "no packing (padded)": (False, True, True, "fp32_sdpa", 4),
+    "full logits": (True, False, True, "fp32_sdpa", 4),
+    "fp32 (no autocast)": (True, True, False, "sdpa", 4),
+    "none of them": (False, False, False, "sdpa", 8),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=8, help="batches per configuration")
+    ap.add_argument("--n", type=int, default=64, help="rows to draw the batches from")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from utils import packing
+    from utils.args import parse_finetune_args
+    from utils.train import PadCollator, build_run
+
+    files = [COT / "creak_train.json", COT / "ecqa_train.json"]
+    data = [f"{f}:{a.n // 2}" for f in files] if all(f.is_file() for f in files) else [f"arith_sample:{a.n}"]
+    run = build_run(*parse_finetune_args([
+        "--data", *data, "--cutoff_len", "256", "--per_gpu_train_batch_size", "8", "--lora_r", "8", "--lora_alpha",
+        "16", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", tempfile.mkdtemp()]))
+    model, rows, pad = run.trainer.model, run.train, run.tokenizer.pad_token_id
+    hf = model.get_base_model()
+    attention = {"fp32_sdpa": packing.register_fp32_sdpa(), "sdpa": "sdpa", "eager": "eager"}
+    pack = packing.PackingCollator(pad, 256, packing.attention_cost_per_position(hf.config))
+    padded = PadCollator(pad)
+    model.train()
+
+    def step(samples, cfg):
+        packed, selective, bf16, attn, micro = cfg
+        hf.set_attn_implementation(attention[attn])
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        trained = sum(sum(t != -100 for t in s["labels"][1:]) for s in samples)
+        t0 = time.perf_counter()
+        for i in range(0, len(samples), micro):
+            batch = (pack if packed else padded)(samples[i:i + micro])
+            batch.pop(packing.ROW_TOKENS, None)
+            with ctx:
+                if selective:
+                    loss = packing.selective_loss(model, batch, trained)[0]
+                else:
+                    out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+                    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float()
+                    loss = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1),
+                                                             reduction="sum") / trained
+            loss.backward()
+        seconds = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return seconds
+
+    names = list(CONFIGS)
+    times = {n: [] for n in names}
+    useful = []
+    print(f"bench: {len(rows)} rows of {' '.join(data)}; batches of 8; {a.reps} reps; torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}", flush=True)
+    step([rows[i] for i in range(8)], CONFIGS[names[0]])  # warm-up
+    for rep in range(a.reps):
+        start = (rep * 8) % max(len(rows) - 8, 1)
+        samples = [rows[i] for i in range(start, start + 8)]
+        useful.append(sum(len(s["input_ids"]) for s in samples))
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
+        for name in order:
+            times[name].append(step(samples, CONFIGS[name]))
+    hf.set_attn_implementation("sdpa")
+    tokens = sum(useful)
+    base = tokens / sum(times[names[0]])
+    print(f"{'configuration':24s} {'median s/step':>13s} {'tokens/s':>9s} {'vs ours':>8s}")
+    for name in names:
+        tps = tokens / sum(times[name])
+        print(f"{name:24s} {statistics.median(times[name]):13.3f} {tps:9.1f} {tps / base:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
