@@ -258,11 +258,12 @@ FP32_SDPA = "sdpa_fp32_under_autocast"
 def _sdpa_fp32(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """sdpa, but computed in fp32 when CPU bf16 autocast is on (transformers' own sdpa otherwise).
 
-    Measured here (SmolLM2-135M, 2 cores, AVX512-BF16): PyTorch's CPU flash-attention kernel is about 1.5x slower
-    in bf16 than in fp32 at these sizes, and with a mask transformers repeats the key/value heads instead of
-    using grouped-query attention; this runs the fp32 kernel with enable_gqa. Same mask, same semantics; the
-    attention itself is then computed in full precision. (Eager attention was ~7% faster per step but keeps every
-    layer's attention probabilities for the backward pass: +0.4-0.5 GB peak RSS; see bench/RESULTS.md.)
+    Measured here (SmolLM2-135M, 2 cores, AVX512-BF16): PyTorch's CPU flash-attention kernel is slower in bf16
+    than in fp32 at these sizes, and with a mask transformers repeats the key/value heads instead of using
+    grouped-query attention; this runs the fp32 kernel with enable_gqa: a packed LoRA step is 6% faster than with
+    sdpa in bf16. Same mask, same semantics; the attention itself is computed in full precision. (Eager attention
+    was another 6% faster but keeps every layer's attention probabilities for the backward pass: +0.45 GB peak
+    RSS; see bench/RESULTS.md.)
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

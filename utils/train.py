@@ -143,8 +143,8 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
     config = hf_model.config
     plan["attention"] = getattr(config, "_attn_implementation", None)
     if plan["bf16"] and not torch.cuda.is_available() and plan["attention"] == "sdpa":
-        # measured on this AVX512-BF16 CPU: sdpa's CPU flash kernel is ~1.5x slower in bf16 than in fp32, so under
-        # autocast the attention runs in fp32 with grouped-query heads (see packing._sdpa_fp32, bench/RESULTS.md)
+        # measured on this AVX512-BF16 CPU: sdpa's CPU flash kernel is slower in bf16 than in fp32, so under
+        # autocast the attention runs in fp32 with grouped-query heads (+6% per step; packing._sdpa_fp32)
         fast = packing.register_fp32_sdpa()
         hf_model.set_attn_implementation(fast)
         if config._attn_implementation == fast:
