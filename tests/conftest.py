@@ -54,13 +54,18 @@ def tiny_llama_dir(tmp_path_factory, embedded_dir, tokenizer):
     return path
 
 
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """The first 16 rows of the project's sample data, as a file (fast training runs)."""
-    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:16]
+def sample_rows_file(tmp_path_factory, n):
+    """The first n rows of the project's sample data, written to a fresh file; returns its path."""
+    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:n]
     path = tmp_path_factory.mktemp("data") / "rows.json"
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """The first 16 rows of the project's sample data, as a file (fast training runs)."""
+    return sample_rows_file(tmp_path_factory, 16)
 
 
 def start_server(app):

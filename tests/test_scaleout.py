@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, sample_rows_file
 
 
 @pytest.fixture(scope="module")
-def rows16(tmp_path_factory):
-    rows = json.loads((ROOT / "data" / "arith_sample.json").read_text(encoding="utf-8"))[:32]
-    path = tmp_path_factory.mktemp("data") / "rows.json"
-    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    return path
+def rows32(tmp_path_factory):
+    return sample_rows_file(tmp_path_factory, 32)
 
 
 def _args(model, data, out, *extra):
@@ -34,15 +31,15 @@ def _history(out, key="loss"):
     return [h[key] for h in json.loads((Path(out) / "log_history.json").read_text()) if key in h]
 
 
-def test_two_gloo_processes_equal_one_process_with_double_batch(tiny_llama_dir, rows16, tmp_path):
+def test_two_gloo_processes_equal_one_process_with_double_batch(tiny_llama_dir, rows32, tmp_path):
     steps = ["--max_steps", "3"]
     one = subprocess.run([sys.executable, str(ROOT / "uniform_finetune.py"),
-                          *_args(tiny_llama_dir, rows16, tmp_path / "one", "--per_gpu_train_batch_size", "8", *steps)],
+                          *_args(tiny_llama_dir, rows32, tmp_path / "one", "--per_gpu_train_batch_size", "8", *steps)],
                          capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                           str(ROOT / "uniform_finetune.py"),
-                          *_args(tiny_llama_dir, rows16, tmp_path / "two", "--per_gpu_train_batch_size", "4", *steps)],
+                          *_args(tiny_llama_dir, rows32, tmp_path / "two", "--per_gpu_train_batch_size", "4", *steps)],
                          capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _history(tmp_path / "one"), _history(tmp_path / "two")
@@ -55,21 +52,21 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(tiny_llama_dir, 
     assert meta["world_size"] == 2 and meta["global_batch"] == 8
 
 
-def test_torch_distributed_launch_passes_local_rank(tiny_llama_dir, rows16, tmp_path):
+def test_torch_distributed_launch_passes_local_rank(tiny_llama_dir, rows32, tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "1", "--master_port",
                           "29534", str(ROOT / "uniform_finetune.py"),
-                          *_args(tiny_llama_dir, rows16, tmp_path / "launch", "--max_steps", "1")],
+                          *_args(tiny_llama_dir, rows32, tmp_path / "launch", "--max_steps", "1")],
                          capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "launch" / "adapter_model.safetensors").is_file()
 
 
-def test_accumulation_invariance(tiny_llama_dir, rows16, tmp_path):
+def test_accumulation_invariance(tiny_llama_dir, rows32, tmp_path):
     from utils.args import parse_finetune_args
     from utils.train import build_run
 
     def losses(out, *extra):
-        run = build_run(*parse_finetune_args(_args(tiny_llama_dir, rows16, out, "--max_steps", "3", *extra)))
+        run = build_run(*parse_finetune_args(_args(tiny_llama_dir, rows32, out, "--max_steps", "3", *extra)))
         run.trainer.train()
         return [h["loss"] for h in run.trainer.state.log_history if "loss" in h]
 
@@ -78,9 +75,9 @@ def test_accumulation_invariance(tiny_llama_dir, rows16, tmp_path):
     assert b == pytest.approx(a, abs=1e-4)
 
 
-def test_kill_9_then_resume_reaches_the_same_final_step(tiny_llama_dir, rows16, tmp_path):
+def test_kill_9_then_resume_reaches_the_same_final_step(tiny_llama_dir, rows32, tmp_path):
     out = tmp_path / "run"
-    args = _args(tiny_llama_dir, rows16, out, "--max_steps", "400", "--save_steps", "5", "--save_total_limit", "2",
+    args = _args(tiny_llama_dir, rows32, out, "--max_steps", "400", "--save_steps", "5", "--save_total_limit", "2",
                  "--per_gpu_train_batch_size", "2", "--logging_steps", "50")
     cmd = [sys.executable, str(ROOT / "uniform_finetune.py"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
@@ -132,7 +129,7 @@ def test_bad_resume_path_is_one_sentence(tmp_path):
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
-def test_trackers_write_their_files(tracker, tiny_llama_dir, rows16, tmp_path, monkeypatch):
+def test_trackers_write_their_files(tracker, tiny_llama_dir, rows32, tmp_path, monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec(tracker) is None:
@@ -144,7 +141,7 @@ def test_trackers_write_their_files(tracker, tiny_llama_dir, rows16, tmp_path, m
     monkeypatch.chdir(tmp_path)
     from uniform_finetune import main
 
-    main(_args(tiny_llama_dir, rows16, tmp_path / "out", "--max_steps", "2", "--report_to", tracker))
+    main(_args(tiny_llama_dir, rows32, tmp_path / "out", "--max_steps", "2", "--report_to", tracker))
     if tracker == "tensorboard":
         events = list(tmp_path.rglob("events.out.tfevents.*"))
     else:
