@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= saved_models/demo
 DEMO_PROMPT ?= Tom has 27 marbles and wins 15 more. How many marbles does he have now?
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean readme
 
 $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ test: setup
 
 clean:
 	rm -rf $(VENV) saved_models .pytest_cache
+
+readme: setup
+	$(BIN)/python -m utils.readme

@@ -37,15 +37,16 @@ def main(argv=None):
         raise UserError("web.py chats with one adapter; pass a single --lora_dir (server.py serves several)")
     port = serve.port if _port_given(argv) else WEB_DEFAULT_PORT
 
-    from utils.generation import load_for_inference
+    from utils.loader import check_inference_args, load_from_args
+    from utils.server import check_port
     from utils.web import build_demo, launch
 
     lora_dir = serve.lora_dir[0] if serve.lora_dir else None
     if lora_dir and "=" in lora_dir and not os.path.exists(lora_dir):
         lora_dir = lora_dir.split("=", 1)[1]  # server.py's NAME=DIR form; the name is not used here
-    model, tokenizer, template, info = load_for_inference(
-        lora_dir, model_args.model_name_or_path, model_args.model_type, getattr(serve, "template", None),
-        model_args.trust_remote_code, model_args.dtype)
+    check_inference_args(model_args, lora_dir)
+    check_port(serve.host, port)
+    model, tokenizer, template, info = load_from_args(model_args, lora_dir, serve.template)
     print(f"[{info['base_model']} ({info['model_type']}), adapter: {info['adapter'] or 'none'}, "
           f"template: {info['template']}]", file=sys.stderr)
     demo = build_demo(model, tokenizer, template, info, gen)

@@ -62,8 +62,10 @@ def main(argv=None):
 
     from utils.args import GenerationArguments, ModelArguments, PredictArguments
     from utils.data import load_conversations
-    from utils.generation import generation_kwargs, load_for_inference
-    from utils.prediction import _prompt_and_reference, run_predict
+    from utils.generation import generation_kwargs
+    from utils.loader import load_for_inference
+    from utils.formats import split_conversation as _prompt_and_reference
+    from utils.prediction import run_predict
 
     n = a.n or (16 if a.quick else 48)
     new = a.max_new_tokens or (8 if a.quick else 64)

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import ROOT, SHARED_DATA, run_script, start_server, stop_server
-from utils.evaluation import (answers_match, extract_choice, extract_final_answer, letter_set, mc_correct,
+from utils.evals.scoring import (answers_match, extract_choice, extract_final_answer, letter_set, mc_correct,
                               parse_judge_score, parse_number)
 
 CMMLU = SHARED_DATA / "cmmlu"
@@ -353,7 +353,7 @@ def test_loss_equals_the_training_loss_of_a_row(tiny_llama_dir, gsm_file, tmp_pa
     import torch
 
     from utils.data import load_conversations
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
 
     got = _eval("--task", "loss", "--data", gsm_file, "--limit", 1, "--cutoff_len", 128,
                 "--model_name_or_path", tiny_llama_dir, "--output_dir", tmp_path)["metrics"]

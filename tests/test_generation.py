@@ -14,7 +14,7 @@ from conftest import ROOT
 
 @pytest.fixture(scope="module")
 def tiny_base(tiny_llama_dir):
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
 
     return load_for_inference(model_name_or_path=str(tiny_llama_dir))
 

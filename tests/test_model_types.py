@@ -45,7 +45,7 @@ def test_native_architecture_trains_reloads_generates(config_type, tokenizer, sm
     import torch
 
     from utils.args import parse_finetune_args
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
     from utils.peft_methods import linear_module_names, resolve_targets
     from utils.templates import alpaca_messages
     from utils.train import build_run, finish_run

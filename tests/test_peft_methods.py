@@ -14,7 +14,7 @@ PROBE = ("Add the numbers.", "12 and 30")
 RELOAD_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from utils.generation import load_for_inference
+from utils.loader import load_for_inference
 from utils.templates import alpaca_messages
 out = {{}}
 for name, path in {dirs!r}.items():
@@ -204,7 +204,7 @@ def test_merge_equals_adapter(trained, name, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
     from utils.merging import merge_adapter
     from utils.templates import alpaca_messages
 

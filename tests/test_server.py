@@ -123,7 +123,8 @@ def test_chat_completion_per_model(url):
 def test_served_answers_equal_standalone_loading(url, adapters, tiny_llama_dir):
     """Switching adapters inside the shared PeftModel gives what a model loaded alone gives."""
     from utils.args import GenerationArguments
-    from utils.generation import generate_ids, generation_kwargs, load_for_inference
+    from utils.generation import generate_ids, generation_kwargs
+    from utils.loader import load_for_inference
 
     messages = [{"role": "user", "content": "What is 4 + 7?"}]
     c = client(url)

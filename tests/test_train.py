@@ -12,7 +12,7 @@ PROBE = ("Add the numbers.", "12 and 30")
 LOGITS_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from utils.generation import load_for_inference
+from utils.loader import load_for_inference
 from utils.templates import alpaca_messages
 model, tok, tmpl, _ = load_for_inference({lora!r})
 ids = torch.tensor([tmpl.prompt_ids(tok, alpaca_messages(*{probe!r}))])
@@ -60,7 +60,7 @@ def test_lora_weights_trained(tiny_run):
 def test_adapter_reloads_in_fresh_process_to_identical_logits(tiny_run):
     import torch
 
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
     from utils.templates import alpaca_messages
 
     model, tok, tmpl, _ = load_for_inference(str(tiny_run))
@@ -80,7 +80,7 @@ def test_adapter_reloads_in_fresh_process_to_identical_logits(tiny_run):
 
 
 def test_generate_uses_the_training_template_byte_for_byte(tiny_run, tokenizer):
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
     from utils.templates import get_template
 
     _, _, tmpl, _ = load_for_inference(str(tiny_run))
@@ -97,7 +97,8 @@ def test_generate_script_answers(tiny_run):
 
 def test_generate_chat_mode_clear_and_exit(tiny_run):
     from utils.args import GenerationArguments
-    from utils.generation import chat_loop, load_for_inference
+    from utils.generation import chat_loop
+    from utils.loader import load_for_inference
 
     model, tok, tmpl, _ = load_for_inference(str(tiny_run))
     lines, said = iter(["hello", "/clear", "again", "/exit", "never read"]), []
@@ -110,7 +111,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
     from utils.templates import alpaca_messages
 
     res = run_script("merge.py", "--lora_dir", tiny_run, "--merged_dir", tmp_path / "merged")

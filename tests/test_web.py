@@ -51,7 +51,7 @@ def web_adapter(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(web_adapter):
-    from utils.generation import load_for_inference
+    from utils.loader import load_for_inference
 
     return load_for_inference(str(web_adapter))
 

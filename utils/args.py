@@ -5,19 +5,30 @@ Flags keep the names of the Alpaca-CoT README (`--model_type`, `--data`, `--lora
 YAML/JSON config file (`script.py config.yaml` or `--config config.yaml`); flags given on the command
 line override the file. Unknown flags and unknown config keys are errors, never silently ignored.
 """
+import argparse
 import difflib
 import json
 import sys
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import yaml
-from transformers import HfArgumentParser
 
 from utils.errors import UserError
-from utils.models import MODEL_TYPES, EMBEDDED_ALIAS
+from utils.models import EMBEDDED_ALIAS, MODEL_TYPES
 from utils.peft_methods import PEFT_TYPES
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the seed's --compute_dtype values
+
+
+def opt(default=None, help="", *, factory=None, **extra):
+    """A flag: its default, its help text and optional checks (min / gt / max / lt / choices / aliases / example)."""
+    meta = {"help": help, **extra}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -34,11 +45,16 @@ class ModelArguments:
         default=False, metadata={"help": "Allow the checkpoint's own Python code to run (off by default)."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16.",
-                  "choices": ["auto", "float32", "bfloat16", "float16"]})
+        metadata={"help": "Weights dtype: auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16 (also "
+                          "fp32, bf16, fp16; --compute_dtype is the Alpaca-CoT name of this flag).",
+                  "choices": ["auto", "float32", "bfloat16", "float16", *DTYPE_ALIASES],
+                  "aliases": ["--compute_dtype"]})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the frozen base in 8-bit (bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the frozen base in 4-bit NF4 (bitsandbytes); "
                                                                  "--peft_type qlora implies it."})
+    size: Optional[str] = field(
+        default=None, metadata={"help": "Alpaca-CoT's model size flag (e.g. 7b), accepted so its commands keep "
+                                        "working; the checkpoint itself comes from --model_name_or_path or the run."})
 
 
 @dataclass
@@ -48,9 +64,9 @@ class DataArguments:
         metadata={"help": "One or more SOURCE[@FORMAT][:N] values: dataset or mix names from data/registry.yaml, "
                           "files (.json .jsonl .csv .parquet .json.gz), directories or hub dataset ids; :N samples "
                           "N rows (:0.3 a fraction). Default: the bundled arith_sample."})
-    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per training example."})
+    cutoff_len: int = field(default=256, metadata={"min": 8, "example": 256, "help": "Maximum tokens per training example."})
     val_set_size: float = field(
-        default=0, metadata={"help": "Held-out rows for validation: a count (>= 1) or a fraction (< 1)."})
+        default=0, metadata={"min": 0, "help": "Held-out rows for validation: a count (>= 1) or a fraction (< 1)."})
     template: Optional[str] = field(
         default=None,
         metadata={"help": "Prompt template (alpaca, vicuna, chatml, chat = the tokenizer's own chat "
@@ -84,23 +100,23 @@ class DataArguments:
 class PeftArguments:
     peft_type: str = field(
         default="lora", metadata={"help": f"Parameter-efficient method: one of {', '.join(PEFT_TYPES)}."})
-    lora_r: Optional[int] = field(default=None, metadata={"help": "LoRA rank (preset default: 8)."})
-    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (preset default: 16)."})
-    lora_dropout: Optional[float] = field(default=None, metadata={"help": "LoRA dropout (preset default: 0.05)."})
+    lora_r: Optional[int] = field(default=None, metadata={"min": 1, "example": 8, "help": "LoRA rank (preset default: 8)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"gt": 0, "example": 16, "help": "LoRA alpha (preset default: 16)."})
+    lora_dropout: Optional[float] = field(default=None, metadata={"min": 0, "lt": 1, "example": 0.05, "help": "LoRA dropout (preset default: 0.05)."})
     lora_target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Module names to adapt (LoRA family, IA3, bottleneck adapters). "
                                         "Default: the model type's targets."})
     num_virtual_tokens: Optional[int] = field(
-        default=None, metadata={"help": "Virtual tokens of prefix / p_tuning / prompt (preset default: 20)."})
+        default=None, metadata={"min": 1, "example": 20, "help": "Virtual tokens of prefix / p_tuning / prompt (preset default: 20)."})
     bottleneck_size: Optional[int] = field(
-        default=None, metadata={"help": "Hidden size of sadapter_h / sadapter_p / p_adapter (preset default: 64)."})
+        default=None, metadata={"min": 1, "example": 64, "help": "Hidden size of sadapter_h / sadapter_p / p_adapter (preset default: 64)."})
     adapter_non_linearity: Optional[str] = field(
         default=None, metadata={"help": "Bottleneck activation: relu, gelu, silu or tanh."})
-    adapter_dropout: Optional[float] = field(default=None, metadata={"help": "Dropout inside bottleneck adapters."})
+    adapter_dropout: Optional[float] = field(default=None, metadata={"min": 0, "lt": 1, "example": 0.1, "help": "Dropout inside bottleneck adapters."})
     adapter_scaling: Optional[str] = field(
         default=None, metadata={"help": "Bottleneck output scale: a number, or 'learned' for a trained scalar."})
     num_trainable_layers: Optional[int] = field(
-        default=None, metadata={"help": "freeze: train only the last N transformer layers (preset default: 2)."})
+        default=None, metadata={"min": 1, "example": 2, "help": "freeze: train only the last N transformer layers (preset default: 2)."})
     peft_options: Optional[list[str]] = field(
         default=None, metadata={"help": "Any other setting of the method's config as key=value "
                                         "(e.g. init_r=16 tinit=0.2 for adalora)."})
@@ -111,23 +127,23 @@ class TrainArguments:
     output_dir: Optional[str] = field(
         default=None, metadata={"help": "Where the adapter, metadata, plot and metrics go. "
                                         "Default: saved_models/<model_type>_<peft_type>."})
-    per_gpu_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    per_gpu_train_batch_size: int = field(default=4, metadata={"min": 1, "example": 4, "help": "Batch size per device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1, "example": 4, "help": "Batches per optimizer step."})
     micro_batch_size: str = field(
         default="auto",
         metadata={"help": "Samples per forward/backward pass: a batch runs as passes of this many samples whose "
                           "gradients add up to the whole batch's (same loss, same steps, less activation memory). "
                           "auto: on CPU, halve the batch while it is even and over 4; on GPU, the whole batch."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=3e-4, metadata={"gt": 0, "max": 10, "example": "3e-4", "help": "Peak learning rate."})
     epochs: float = field(default=3, metadata={"help": "Training epochs (ignored when --max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use --epochs)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    max_steps: int = field(default=-1, metadata={"min": -1, "example": 100, "help": "Stop after this many optimizer steps (-1: use --epochs)."})
+    warmup_steps: int = field(default=0, metadata={"min": 0, "example": 10, "help": "Linear warm-up steps."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "HF scheduler name (linear, cosine, constant, ...)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
-    save_steps: int = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
-    save_total_limit: int = field(default=3, metadata={"help": "Keep at most N checkpoints."})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: --save_steps)."})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "example": 0.01, "help": "AdamW weight decay."})
+    logging_steps: int = field(default=10, metadata={"min": 1, "example": 10, "help": "Log the loss every N steps."})
+    save_steps: int = field(default=200, metadata={"min": 1, "example": 200, "help": "Save a checkpoint every N steps."})
+    save_total_limit: int = field(default=3, metadata={"min": 1, "example": 3, "help": "Keep at most N checkpoints."})
+    eval_steps: Optional[int] = field(default=None, metadata={"min": 1, "example": 100, "help": "Evaluate every N steps (default: --save_steps)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
     bf16: str = field(
         default="auto",
@@ -136,7 +152,9 @@ class TrainArguments:
     seed: int = field(default=42, metadata={"help": "Random seed (data order, init, split)."})
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "Resume from this checkpoint directory; with no value (or 'latest'), from the "
-                                        "newest complete checkpoint in --output_dir."})
+                                        "newest complete checkpoint in --output_dir (an error when there is none); "
+                                        "'if_exists': resume when a complete checkpoint exists, else start fresh "
+                                        "(for preemptible jobs)."})
     report_to: str = field(default="none", metadata={"help": "Experiment tracking: none, tensorboard, wandb (offline "
                                                              "when no API key is set) or all.",
                                                      "choices": ["none", "tensorboard", "wandb", "all"]})
@@ -150,6 +168,17 @@ class TrainArguments:
         default=-1, metadata={"help": "Set by `python -m torch.distributed.launch`; torchrun uses LOCAL_RANK instead."})
 
 
+def _check_train(args):
+    if args.max_steps == 0:
+        raise UserError("--max_steps must be -1 (train for --epochs) or at least 1, not 0")
+    if args.max_steps < 0 and not args.epochs > 0:
+        raise UserError(f"--epochs must be > 0 when --max_steps is not given, not {args.epochs:g}; e.g. --epochs 3 "
+                        "(or --max_steps 100)")
+
+
+TrainArguments.check = _check_train
+
+
 # The seed's documented sampling settings (Alpaca-CoT README, "Inference Hyper-parameter Explanation").
 GEN_PRESETS = {"seed": {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "no_repeat_ngram_size": 6,
                         "repetition_penalty": 1.8}}
@@ -161,14 +190,14 @@ class GenerationArguments:
         default=None, metadata={"help": "Sampling preset: 'seed' = the Alpaca-CoT README's settings (do_sample, "
                                         "temperature 1.0, top_p 0.9, no_repeat_ngram_size 6, repetition_penalty "
                                         "1.8); flags given explicitly override it.", "choices": list(GEN_PRESETS)})
-    max_new_tokens: int = field(default=256, metadata={"help": "Maximum tokens to generate."})
+    max_new_tokens: int = field(default=256, metadata={"min": 1, "example": 256, "help": "Maximum tokens to generate."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search width."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens."})
-    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeating n-grams of this size."})
+    temperature: float = field(default=1.0, metadata={"gt": 0, "example": 0.7, "help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "example": 0.9, "help": "Nucleus sampling threshold."})
+    top_k: int = field(default=50, metadata={"min": 0, "example": 50, "help": "Top-k sampling."})
+    num_beams: int = field(default=1, metadata={"min": 1, "example": 4, "help": "Beam search width."})
+    repetition_penalty: float = field(default=1.0, metadata={"gt": 0, "example": 1.1, "help": "Penalty for repeated tokens."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"min": 0, "example": 6, "help": "Forbid repeating n-grams of this size."})
 
 
 @dataclass
@@ -181,6 +210,10 @@ class InferArguments:
     system: Optional[str] = field(default=None, metadata={"help": "System prompt."})
     template: Optional[str] = field(default=None, metadata={"help": "Template for a base model without "
                                                                      "--lora_dir (default: the model type's)."})
+    data: Optional[list[str]] = field(
+        default=None, metadata={"help": "Alpaca-CoT's `generate.py --data D --model_type T`: without --lora_dir, load the "
+                                        "newest run under saved_models/ that `uniform_finetune.py --model_type T --data D` "
+                                        "wrote (it says which)."})
 
 
 @dataclass
@@ -194,7 +227,7 @@ class PredictArguments:
     lora_dir: Optional[str] = field(default=None, metadata={"help": "Adapter directory (omit for the base model)."})
     data: str = field(default=None, metadata={"help": "Dataset name or file of prompts (rows may carry outputs)."})
     result_dir: str = field(default=None, metadata={"help": "Directory for predictions.jsonl."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts generated together."})
+    batch_size: int = field(default=8, metadata={"min": 1, "example": 8, "help": "Prompts generated together."})
 
 
 @dataclass
@@ -203,7 +236,7 @@ class ServeArguments:
         default=None, metadata={"help": "One or more adapter directories to serve; server.py takes several trained "
                                         "on one base, NAME=DIR sets the model id (default: the directory's name)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (default: this machine only)."})
-    port: int = field(default=8000, metadata={"help": "TCP port (web.py uses 7860 unless --port is given)."})
+    port: int = field(default=8000, metadata={"min": 1, "max": 65535, "example": 8000, "help": "TCP port (web.py uses 7860 unless --port is given)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "Require this bearer token (server.py)."})
     served_name: Optional[str] = field(
         default=None, metadata={"help": "Model id of the base model (server.py; default: its alias or hub id, or "
@@ -212,15 +245,76 @@ class ServeArguments:
         default=None, metadata={"help": "Chat template of the base model (server.py; default: the model type's); "
                                         "adapters always use the template they were trained with."})
     max_queue: int = field(
-        default=64, metadata={"help": "Requests that may wait for the generation worker, which answers one at a "
+        default=64, metadata={"min": 1, "example": 64, "help": "Requests that may wait for the generation worker, which answers one at a "
                                       "time; more get HTTP 503 (server.py)."})
 
 
-class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line and exit 2, with no prefix abbreviations."""
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("yes", "true", "t", "y", "1", "on"):
+        return True
+    if str(value).lower() in ("no", "false", "f", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not '{value}'")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse over our dataclasses (HfArgumentParser's conventions, without importing transformers):
+    errors are one line and exit 2, no prefix abbreviations."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(**kwargs)
+        self.dataclass_types = dataclass_types
+        for dt in dataclass_types:
+            hints = typing.get_type_hints(dt)
+            for f in fields(dt):
+                self._add(f, hints[f.name])
+
+    def _add(self, f, hint):
+        meta = dict(f.metadata)
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + meta.get("aliases", [])
+        kwargs = {"help": meta.get("help", ""), "dest": f.name}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union:  # Optional[X]
+            hint = next(a for a in args if a is not type(None))
+        if f.default_factory is not MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["default"] = None if f.default is MISSING else f.default
+        if hint is bool:
+            kwargs.update(type=_to_bool, nargs="?", const=True)
+        elif typing.get_origin(hint) is list:
+            kwargs.update(type=typing.get_args(hint)[0], nargs="+")
+        else:
+            kwargs["type"] = hint
+        self.add_argument(*names, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (run with --help to see the valid flags)")
+
+
+def _describe(meta):
+    parts = []
+    for key, words in (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<")):
+        if key in meta:
+            parts.append(f"{words} {meta[key]}")
+    return " and ".join(parts)
+
+
+def check_ranges(obj):
+    """Every flag with a range in its metadata (min / gt / max / lt) is checked: one sentence naming the flag."""
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if value is None or isinstance(value, (bool, str, list)) or not _describe(meta):
+            continue
+        bad = (("min" in meta and value < meta["min"]) or ("gt" in meta and value <= meta["gt"])
+               or ("max" in meta and value > meta["max"]) or ("lt" in meta and value >= meta["lt"]))
+        if bad:
+            example = f"; e.g. --{f.name} {meta['example']}" if "example" in meta else ""
+            raise UserError(f"--{f.name} must be {_describe(meta)}, not {value}{example}")
 
 
 def _flag_names(parser):
@@ -240,6 +334,32 @@ def _load_config(path):
     if not isinstance(cfg, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
     return cfg
+
+
+def _coerce_config(parser, cfg, path):
+    """Config-file values converted like the same flags on the command line (argparse does not convert defaults)."""
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in cfg.items():
+        action = actions.get(key)
+        if value is None or action is None or action.type is None:
+            out[key] = value
+            continue
+        many = action.nargs == "+"
+        values = value if isinstance(value, list) else [value]
+        if not many and isinstance(value, list):
+            raise UserError(f"config file {path}: '{key}' takes one value, not a list")
+        try:
+            conv = [v if isinstance(v, bool) and action.type is _to_bool else action.type(v) for v in values]
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = getattr(action.type, "__name__", "value").replace("_to_bool", "true/false")
+            raise UserError(f"config file {path}: '{key}' must be {'a list of ' if many else ''}{kind}, not "
+                            f"{json.dumps(value, ensure_ascii=False, default=str)}") from None
+        if action.choices is not None and any(c not in action.choices for c in conv):
+            raise UserError(f"config file {path}: '{key}' must be one of {', '.join(map(str, action.choices))}, "
+                            f"not {value}")
+        out[key] = conv if many else conv[0]
+    return out
 
 
 def parse(dataclass_types, argv=None, prog=None):
@@ -274,8 +394,8 @@ def parse(dataclass_types, argv=None, prog=None):
             hint = difflib.get_close_matches(unknown[0], hintable, n=1)
             raise UserError(f"config file {config} has an unknown key '{unknown[0]}'"
                             + (f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid keys"))
-        parser.set_defaults(**cfg)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        parser.set_defaults(**_coerce_config(parser, cfg, config))
+    namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         bad = remaining[0]
         names = [n for n in _flag_names(parser) if "local" not in n]
@@ -283,7 +403,13 @@ def parse(dataclass_types, argv=None, prog=None):
         msg = f"unknown argument '{bad}'"
         msg += f"; did you mean '{hint[0]}'?" if hint else "; run with --help to see the valid flags"
         raise UserError(msg)
-    parsed = parsed[:len(dataclass_types)]  # drop the namespace that holds --config
+    parsed = [dt(**{f.name: getattr(namespace, f.name) for f in fields(dt) if f.init}) for dt in dataclass_types]
+    for obj in parsed:
+        check_ranges(obj)
+        if hasattr(obj, "check"):
+            obj.check()
+        if hasattr(obj, "dtype"):
+            obj.dtype = DTYPE_ALIASES.get(obj.dtype, obj.dtype)
     for obj in parsed:
         if isinstance(obj, GenerationArguments) and obj.gen_preset:
             given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
@@ -325,7 +451,7 @@ def flags_table(*dataclass_types):
     for dt in dataclass_types:
         for f in fields(dt):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
-            default = " ".join(default) if isinstance(default, list) else default
+            default = " ".join(map(str, default)) if isinstance(default, list) else default
             rows.append(f"| `--{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows) + "\n"
 

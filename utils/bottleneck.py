@@ -21,7 +21,7 @@ small wrapper module that holds ``base`` (the original module) and ``adapter``; 
 stable, e.g. ``model.layers.0.mlp.down_proj.adapter.down.weight``. They are saved in the PEFT directory layout
 (``adapter_config.json`` + ``adapter_model.safetensors`` holding only the adapter tensors).
 
-Public API: ``BottleneckConfig``, ``ARCH_DEFAULTS``, ``add_bottleneck``, ``save_bottleneck``,
+Public API: ``BottleneckConfig``, ``adapter_types``, ``add_bottleneck``, ``save_bottleneck``,
 ``is_bottleneck_dir``, ``load_bottleneck``, ``bottleneck_state_dict``, ``adapter_modules``.
 """
 from __future__ import annotations
@@ -37,48 +37,22 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_TYPES = ("sadapter_h", "sadapter_p", "p_adapter")
-SEQUENTIAL_TYPES = ("sadapter_h", "sadapter_p")
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 INITS = ("zero", "normal")
 PARALLEL_SITES = ("mlp", "attn")
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY = "alpaca-cot bottleneck"
 
-# Per-architecture module names, keyed by HF `config.model_type`. A name matches a module whose full
-# dotted name equals it or ends with "." + it; `*` is a wildcard (fnmatch) for scoping.
-#   attn_out: the Linear whose output is the attention sub-layer output (before the residual add)
-#   mlp_out:  the Linear whose output is the MLP sub-layer output
-#   mlp, attn: the whole MLP / attention modules (for the parallel adapter)
-_LLAMA_LIKE = {"attn_out": "o_proj", "mlp_out": "down_proj", "mlp": "mlp", "attn": "self_attn"}
-ARCH_DEFAULTS = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    # mixture-of-experts blocks: the sequential MLP adapter sits after the whole MoE block's output
-    "mixtral": {"attn_out": "o_proj", "mlp_out": "mlp", "mlp": "mlp", "attn": "self_attn"},
-    "qwen2_moe": {"attn_out": "o_proj", "mlp_out": "mlp", "mlp": "mlp", "attn": "self_attn"},
-    "qwen3_moe": {"attn_out": "o_proj", "mlp_out": "mlp", "mlp": "mlp", "attn": "self_attn"},
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    # the multimodal Gemma 3 also has a vision tower with `mlp` / `self_attn`: scope to the language model
-    "gemma3": {"attn_out": "language_model.*.o_proj", "mlp_out": "language_model.*.down_proj",
-               "mlp": "language_model.*.mlp", "attn": "language_model.*.self_attn"},
-    "phi3": _LLAMA_LIKE,
-    "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "phi": {"attn_out": "self_attn.dense", "mlp_out": "fc2", "mlp": "mlp", "attn": "self_attn"},
-    "gpt_neox": {"attn_out": "attention.dense", "mlp_out": "dense_4h_to_h", "mlp": "mlp", "attn": "attention"},
-    "bloom": {"attn_out": "self_attention.dense", "mlp_out": "dense_4h_to_h", "mlp": "mlp",
-              "attn": "self_attention"},
-    "falcon": {"attn_out": "self_attention.dense", "mlp_out": "dense_4h_to_h", "mlp": "mlp",
-               "attn": "self_attention"},
-    "gpt2": {"attn_out": "attn.c_proj", "mlp_out": "mlp.c_proj", "mlp": "mlp", "attn": "attn"},
-}
+
+def adapter_types():
+    """The methods built by this module: presets in peft/ whose loader is `bottleneck`."""
+    from utils.peft_methods import methods_with
+
+    return methods_with(loader="bottleneck")
+
+
+STYLES = ("sequential", "parallel")
 
 
 @dataclasses.dataclass
@@ -92,19 +66,33 @@ class BottleneckConfig:
     target_modules: Optional[list] = None
     parallel_site: str = "mlp"
     base_model_name_or_path: Optional[str] = None
+    style: Optional[str] = None         # sequential (after the sites) or parallel (beside parallel_site)
+    sites: Optional[list] = None        # roles of the model's layout a sequential adapter follows
+
+    def _preset_variant(self):
+        """style and sites from the method's preset, for configs that do not name them (older runs)."""
+        from utils.peft_methods import load_preset
+
+        defaults = load_preset(self.adapter_type)["defaults"]
+        self.style = self.style or defaults["style"]
+        if self.sites is None and self.style == "sequential":
+            self.sites = list(defaults["sites"])
 
     def __post_init__(self):
         def bad(field, value, valid):
             raise UserError(f"bottleneck {field} '{value}' is not valid; use one of: {', '.join(valid)}")
 
-        if self.adapter_type not in ADAPTER_TYPES:
-            bad("adapter_type", self.adapter_type, ADAPTER_TYPES)
+        if self.adapter_type not in adapter_types():
+            bad("adapter_type", self.adapter_type, adapter_types())
         if self.non_linearity not in NON_LINEARITIES:
             bad("non_linearity", self.non_linearity, NON_LINEARITIES)
         if self.init not in INITS:
             bad("init", self.init, INITS)
         if self.parallel_site not in PARALLEL_SITES:
             bad("parallel_site", self.parallel_site, PARALLEL_SITES)
+        self._preset_variant()
+        if self.style not in STYLES:
+            bad("style", self.style, STYLES)
         if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) \
                 or self.bottleneck_size < 1:
             raise UserError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
@@ -246,17 +234,16 @@ def _hidden_size(model):
 
 
 def default_targets(model, config):
-    """Target names for config.adapter_type from ARCH_DEFAULTS[model_type]."""
+    """Target names for config.adapter_type from the model family's layout (utils/models.py)."""
+    from utils.models import layout_for
+
     model_type = _model_type(model)
-    names = ARCH_DEFAULTS.get(model_type)
-    if names is None:
+    names = layout_for(model_type)
+    sites = [config.parallel_site] if config.style == "parallel" else list(config.sites or [])
+    if names is None or any(s not in names for s in sites):
         raise UserError(f"bottleneck adapters have no default target modules for model type '{model_type}'; "
                         f"pass target_modules explicitly with the names of the modules to wrap, such as o_proj and down_proj")
-    if config.adapter_type == "sadapter_h":
-        return [names["attn_out"], names["mlp_out"]]
-    if config.adapter_type == "sadapter_p":
-        return [names["mlp_out"]]
-    return [names[config.parallel_site]]
+    return [names[s] for s in sites]
 
 
 def _matches(full_name, target):
@@ -331,7 +318,7 @@ def add_bottleneck(model, config):
     for param in model.parameters():
         param.requires_grad_(False)
 
-    sequential = config.adapter_type in SEQUENTIAL_TYPES
+    sequential = config.style == "sequential"
     hidden = _hidden_size(model)
     for name in _find_targets(model, config.target_modules):
         parent_name, _, leaf = name.rpartition(".")
@@ -367,14 +354,14 @@ def save_bottleneck(model, directory):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = {**config.to_dict(), "peft_type": config.adapter_type, "library": LIBRARY}
-    (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     state = {k: v.detach().contiguous().cpu() for k, v in bottleneck_state_dict(model).items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": LIBRARY})
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt", "library": LIBRARY})
     return directory
 
 
 def _read_config(directory):
-    path = Path(directory) / CONFIG_NAME
+    path = Path(directory) / ADAPTER_CONFIG
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -384,7 +371,7 @@ def _read_config(directory):
 def is_bottleneck_dir(directory):
     """True when directory holds a bottleneck adapter saved by save_bottleneck."""
     data = _read_config(directory)
-    return isinstance(data, dict) and data.get("peft_type") in ADAPTER_TYPES
+    return isinstance(data, dict) and data.get("peft_type") in adapter_types()
 
 
 def load_bottleneck(model, directory, is_trainable=False):
@@ -393,12 +380,12 @@ def load_bottleneck(model, directory, is_trainable=False):
 
     directory = Path(directory)
     data = _read_config(directory)
-    if not isinstance(data, dict) or data.get("peft_type") not in ADAPTER_TYPES:
+    if not isinstance(data, dict) or data.get("peft_type") not in adapter_types():
         raise UserError(f"{directory} holds no bottleneck adapter (adapter_config.json with peft_type "
-                        f"{', '.join(ADAPTER_TYPES)}); pass the output directory of a bottleneck training run")
-    weights = directory / WEIGHTS_NAME
+                        f"{', '.join(adapter_types())}); pass the output directory of a bottleneck training run")
+    weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise UserError(f"{directory} has no {WEIGHTS_NAME}; pass the output directory of a finished training run")
+        raise UserError(f"{directory} has no {ADAPTER_WEIGHTS}; pass the output directory of a finished training run")
     model = add_bottleneck(model, BottleneckConfig.from_dict(data))
     saved = load_file(str(weights))
     expected = bottleneck_state_dict(model)
@@ -408,7 +395,7 @@ def load_bottleneck(model, directory, is_trainable=False):
     if missing or extra or wrong:
         what = (f"misses '{missing[0]}'" if missing else f"has the unexpected tensor '{extra[0]}'" if extra
                 else f"has a wrong shape for '{wrong[0]}'")
-        raise UserError(f"the adapter in {directory} does not match this base model ({WEIGHTS_NAME} {what}); "
+        raise UserError(f"the adapter in {directory} does not match this base model ({ADAPTER_WEIGHTS} {what}); "
                         f"load it onto the base model it was trained on")
     with torch.no_grad():
         for key, tensor in expected.items():

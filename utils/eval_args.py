@@ -1,19 +1,20 @@
-"""Flags of evaluate.py (its own dataclass; model and generation flags are shared with the other scripts)."""
-from dataclasses import dataclass, field
+"""Flags of evaluate.py: the common ones below, the judge's, and every task's own Flags (utils/evals/*.py),
+combined into one EvalArguments dataclass; model and generation flags are shared with the other scripts."""
+import dataclasses
+from dataclasses import MISSING, dataclass, field
 from typing import Optional
 
 from utils.args import GenerationArguments, ModelArguments, parse
 from utils.errors import UserError
-
-TASKS = ("mc", "cot", "belle", "loss")
+from utils.evals import TASKS, task_flags
+from utils.evals.judge import JudgeArguments
 
 
 @dataclass
-class EvalArguments:
+class CommonArguments:
     task: Optional[str] = field(
-        default=None, metadata={"help": "mc (multiple choice, CMMLU / MMCU / C-Eval / MMLU CSV layouts), cot (answer "
-                                        "extraction on CoT / GSM8K data), belle (Belle-eval with an LLM judge) or loss "
-                                        "(held-out loss and perplexity).", "choices": list(TASKS)})
+        default=None, metadata={"help": "The task: " + "; ".join(f"{n} ({m.SUMMARY})" for n, m in TASKS.items()) + ".",
+                                "choices": list(TASKS)})
     study: Optional[str] = field(
         default=None, metadata={"help": "Run a study grid from this YAML instead of one task (same as "
                                         "`python -m utils.study FILE`)."})
@@ -23,29 +24,20 @@ class EvalArguments:
     template: Optional[str] = field(
         default=None, metadata={"help": "Template for a base model without --lora_dir (default: the model type's)."})
     data: Optional[list[str]] = field(
-        default=None, metadata={"help": "cot / loss / belle: one or more --data values as in uniform_finetune.py "
+        default=None, metadata={"help": "cot / loss / belle / ...: one or more --data values as in uniform_finetune.py "
                                         "(registry names, files, SOURCE:N samples)."})
     data_dir: Optional[str] = field(
         default=None, metadata={"help": "mc: a benchmark directory with one CSV per subject, in split folders "
                                         "(DIR/test/*.csv, DIR/dev/*.csv) or directly in DIR."})
     split: str = field(default="test", metadata={"help": "mc: the split folder to evaluate."})
-    shots: int = field(default=0, metadata={"help": "mc: k-shot examples per question, the first rows of the "
-                                                    "--shots_split file of the same subject (never the question itself)."})
-    shots_split: str = field(default="dev", metadata={"help": "mc: the split folder the shots come from."})
+    shots: int = field(default=0, metadata={"min": 0, "max": 64, "help": "mc: k-shot examples per question, the first "
+                                                                         "rows of the --shots_split file of the same "
+                                                                         "subject (never the question itself)."})
     subjects: Optional[list[str]] = field(
         default=None, metadata={"help": "mc: evaluate only these subjects (file names without .csv)."})
-    groups: Optional[str] = field(
-        default=None, metadata={"help": "mc: YAML of subject -> {name, groups} for per-group accuracy. Default: "
-                                        "data/cmmlu_groups.yaml when it knows the subjects."})
-    mc_method: str = field(
-        default="loglik", metadata={"help": "mc: loglik (the option letter with the highest log-likelihood; no "
-                                            "parsing) or generate (generate, then extract the letters).",
-                                    "choices": ["loglik", "generate"]})
     limit: Optional[int] = field(
-        default=None, metadata={"help": "Evaluate at most N items per subject (mc) or per --data source."})
-    batch_size: int = field(default=8, metadata={"help": "Items per forward / generate call."})
-    cutoff_len: Optional[int] = field(
-        default=None, metadata={"help": "loss: maximum tokens per example (default: the run's --cutoff_len, else 256)."})
+        default=None, metadata={"min": 1, "help": "Evaluate at most N items per subject (mc) or per --data source."})
+    batch_size: int = field(default=8, metadata={"min": 1, "max": 4096, "help": "Items per forward / generate call."})
     exclude_data: Optional[list[str]] = field(
         default=None, metadata={"help": "cot / loss / belle: skip rows whose prompt is in these --data values (e.g. "
                                         "the training data: the rows left are held out)."})
@@ -57,20 +49,28 @@ class EvalArguments:
     output: Optional[str] = field(
         default=None, metadata={"help": "Results JSON path (a .md table is written beside it). Default: "
                                         "OUTPUT_DIR/<task>.json."})
-    judge_base_url: Optional[str] = field(
-        default=None, metadata={"help": "belle: base URL of an OpenAI-compatible API for the judge, e.g. "
-                                        "http://127.0.0.1:8000/v1 (without it only the answers are generated)."})
-    judge_model: Optional[str] = field(default=None, metadata={"help": "belle: the judge's model name."})
-    judge_api_key: Optional[str] = field(
-        default=None, metadata={"help": "belle: API key of the judge endpoint (default: $OPENAI_API_KEY, else none)."})
-    judge_prompts: Optional[str] = field(
-        default=None, metadata={"help": "belle: per-class judge prompts (JSON lines with class, prompt). Default: "
-                                        "eval_prompt.json beside the first --data file."})
-    judge_max_tokens: int = field(default=256, metadata={"help": "belle: maximum tokens of a judge answer."})
-    judge_workers: int = field(default=4, metadata={"help": "belle: judge requests in flight at once."})
-    judge_timeout: float = field(default=120.0, metadata={"help": "belle: seconds to wait for one judge answer."})
 
 
+def _combine(*classes):
+    """One dataclass holding the fields of all these (a field name may appear only once)."""
+    specs, seen = [], {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise TypeError(f"evaluate.py flag '{f.name}' is defined by both {seen[f.name]} and {cls.__module__}")
+            seen[f.name] = cls.__module__
+            kw = {"metadata": f.metadata}
+            if f.default_factory is not MISSING:
+                kw["default_factory"] = f.default_factory
+            else:
+                kw["default"] = f.default
+            specs.append((f.name, f.type, field(**kw)))
+    return dataclasses.make_dataclass("EvalArguments", specs)
+
+
+_TASK_FLAGS = [task_flags(m) for m in TASKS.values() if task_flags(m) is not None]
+EvalArguments = _combine(CommonArguments, JudgeArguments, *_TASK_FLAGS)
+EvalArguments.__module__ = __name__
 EVAL_ARGS = (ModelArguments, EvalArguments, GenerationArguments)
 
 
@@ -79,12 +79,5 @@ def parse_eval_args(argv=None):
     if ev.study:
         return model, ev, gen
     if not ev.task:
-        raise UserError("evaluate.py needs --task (mc, cot, belle or loss), or --study FILE for a study grid")
-    if ev.task == "mc" and not ev.data_dir:
-        raise UserError("--task mc needs --data_dir, a directory with one CSV file per subject "
-                        "(e.g. ../shared/data/cmmlu with --split dev)")
-    if ev.task != "mc" and not ev.data:
-        raise UserError(f"--task {ev.task} needs --data (a dataset name or file)")
-    if ev.shots < 0 or ev.batch_size < 1 or (ev.limit is not None and ev.limit < 1):
-        raise UserError("--shots must be >= 0, --batch_size and --limit >= 1")
+        raise UserError(f"evaluate.py needs --task ({', '.join(TASKS)}), or --study FILE for a study grid")
     return model, ev, gen

@@ -262,6 +262,13 @@ def convert_row(row, fmt, where, for_training=True, columns=None, index=0, unesc
     return msgs
 
 
+def split_conversation(msgs):
+    """(the prompt: messages up to the last user turn, the answer after it or None)."""
+    last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    ref = msgs[last_user + 1]["content"] if last_user + 1 < len(msgs) else None
+    return msgs[:last_user + 1], ref
+
+
 def add_cot_prompt(msgs):
     """The seed's CoT* option: append a think-first sentence to every user turn, in the turn's language."""
     out = []

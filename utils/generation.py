@@ -1,48 +1,4 @@
-"""Inference shared by every script: load base (+ adapter) with its template, generate, chat."""
-import json
-from pathlib import Path
-
-from utils.errors import UserError
-from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
-from utils.peft_methods import load_adapter
-from utils.templates import Template, pick_template
-from utils.train import META_FILE, TEMPLATE_FILE
-
-def read_meta(lora_dir):
-    meta_path = Path(lora_dir) / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"{lora_dir} has no {META_FILE}; pass the --output_dir of a finished uniform_finetune.py run")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
-
-
-def load_for_inference(lora_dir=None, model_name_or_path=None, model_type=None, template=None,
-                       trust_remote_code=False, dtype="auto", keep_quantization=True):
-    """(model, tokenizer, template, info): base + adapter from --lora_dir, or a base model alone.
-
-    With --lora_dir the base model, model type and template come from the run's metadata and
-    template.json (the very template used in training). A base trained quantized (qlora,
-    --load_in_4bit/8bit) is loaded quantized again unless keep_quantization is False (merging).
-    """
-    if lora_dir:
-        meta = read_meta(lora_dir)
-        base = model_name_or_path or meta["base_model"]
-        path, _, mtype = resolve_model(base, meta["model_type"], trust_remote_code or meta.get("trust_remote_code", False))
-        tokenizer = load_tokenizer(lora_dir, trust_remote_code)
-        tmpl = Template.from_json((Path(lora_dir) / TEMPLATE_FILE).read_text(encoding="utf-8"))
-        bits = meta.get("quant_bits") if keep_quantization else None
-        model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id, bits)
-        model = load_adapter(model, lora_dir)
-        info = {"base_model": base, "model_type": mtype, "adapter": str(lora_dir), "template": tmpl.name,
-                "peft_type": meta["peft_type"]}
-    else:
-        path, _, mtype = resolve_model(model_name_or_path, model_type, trust_remote_code)
-        tokenizer = load_tokenizer(path, trust_remote_code)
-        tmpl = pick_template(template, get_spec(mtype).template, tokenizer)
-        model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id)
-        model.eval()
-        info = {"base_model": model_name_or_path or EMBEDDED_ALIAS, "model_type": mtype, "adapter": None, "template": tmpl.name,
-                "peft_type": None}
-    return model, tokenizer, tmpl, info
+"""Generation shared by every script: one prompt (streamed or not), batches with left padding, chat."""
 
 
 def generation_kwargs(gen_args, tokenizer, template=None):
@@ -67,7 +23,7 @@ def generate_ids(model, tokenizer, ids, gen_kwargs, stream=None, stop=None):
     import threading
 
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     input_ids = torch.tensor([ids], device=model.device)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
@@ -75,29 +31,45 @@ def generate_ids(model, tokenizer, ids, gen_kwargs, stream=None, stop=None):
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     result = {}
 
-    def run(**extra):
-        with torch.no_grad():
-            result["out"] = model.generate(**kwargs, **extra)
+    def run(streamer=None):
+        try:
+            with torch.no_grad():
+                result["out"] = model.generate(**kwargs, **({"streamer": streamer} if streamer else {}))
+        except BaseException as exc:  # the reader must not wait for text that never comes
+            result["error"] = exc
+            if streamer is not None:
+                streamer.end()
 
     if stream is None:
         run()
+        if "error" in result:
+            raise result["error"]
         new = result["out"][0, len(ids):]
         text = tokenizer.decode(new, skip_special_tokens=True)
     else:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        thread = threading.Thread(target=run, kwargs={"streamer": streamer})
+        cancel = threading.Event()  # set when the reader fails: generation stops at the next token
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), _Cancel(cancel)])
+        thread = threading.Thread(target=run, kwargs={"streamer": streamer}, daemon=True)
         thread.start()
         pieces, sent = [], 0
         hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may still be forming
-        for piece in streamer:
-            pieces.append(piece)
-            text = "".join(pieces)
-            cut = _stop_cut(text, stop)
-            safe = cut if cut is not None else len(text) - hold
-            if safe > sent:
-                stream(text[sent:safe])
-                sent = safe
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                text = "".join(pieces)
+                cut = _stop_cut(text, stop)
+                safe = cut if cut is not None else len(text) - hold
+                if safe > sent:
+                    stream(text[sent:safe])
+                    sent = safe
+        except BaseException:
+            cancel.set()
+            thread.join()
+            raise
         thread.join()
+        if "error" in result:
+            raise result["error"]
         new = result["out"][0, len(ids):]
         text = "".join(pieces)
     cut = _stop_cut(text, stop)
@@ -109,6 +81,45 @@ def generate_ids(model, tokenizer, ids, gen_kwargs, stream=None, stop=None):
     ended = n_new and int(new[-1]) in set(gen_kwargs.get("eos_token_id") or [])
     reason = "stop" if ended or cut is not None or n_new < gen_kwargs.get("max_new_tokens", 1 << 30) else "length"
     return text.strip(), reason, n_new
+
+
+def _Cancel(event):
+    from transformers import StoppingCriteria
+    import torch
+
+    class Cancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Cancel()
+
+
+def generate_batch(model, tokenizer, prompts, gen_kwargs, strip=True):
+    """Answers (decoded; stripped unless strip=False: code keeps its indentation) for a batch of prompt token ids,
+    generated together with left padding."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return [t.strip() for t in texts] if strip else texts
+
+
+def generate_missing(items, cache, model, tokenizer, gen_kwargs, batch_size, record, progress=None):
+    """Generate for the items whose key is not in the cache yet, in length-sorted batches, and store each result
+    as it is made: `items` are dicts with "key" and "ids"; record(item, text) -> the dict the cache keeps;
+    progress(n) is called after each batch of n."""
+    todo = sorted((it for it in items if it["key"] not in cache), key=lambda it: len(it["ids"]))
+    for b in range(0, len(todo), batch_size):
+        batch = todo[b:b + batch_size]
+        for it, text in zip(batch, generate_batch(model, tokenizer, [it["ids"] for it in batch], gen_kwargs)):
+            cache.put(dict(record(it, text), key=it["key"]))
+        if progress is not None:
+            progress(len(batch))
 
 
 def _stop_cut(text, stop):

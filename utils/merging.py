@@ -3,20 +3,31 @@ import shutil
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.generation import load_for_inference, read_meta
-from utils.peft_methods import load_preset
-from utils.train import TEMPLATE_FILE
+from utils.peft_methods import capability
+from utils.run_dir import TEMPLATE_FILE
 
 
-def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_code=False):
-    meta = read_meta(lora_dir)
-    preset = load_preset(meta["peft_type"])
-    if not preset.get("mergeable", False):
-        raise UserError(f"--peft_type {meta['peft_type']} adapters cannot be merged into the base weights; load "
+def check_merge(lora_dir, merged_dir, model_args=None):
+    """Everything that can fail before the base model loads."""
+    from utils.loader import check_inference_args, open_run
+
+    run = open_run(lora_dir)
+    if not capability(run.peft_type, "mergeable"):
+        raise UserError(f"--peft_type {run.peft_type} adapters cannot be merged into the base weights; load "
                         "them with --lora_dir instead")
     out = Path(merged_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{merged_dir} exists and is not empty; pick a new --merged_dir")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{merged_dir} exists and is not an empty directory; pick a new --merged_dir")
+    if model_args is not None:
+        check_inference_args(model_args, lora_dir, keep_quantization=False)
+    return run
+
+
+def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_code=False, model_args=None):
+    from utils.loader import load_for_inference
+
+    run = check_merge(lora_dir, merged_dir, model_args)
+    out = Path(merged_dir)
     # The base is always reloaded in full precision for merging (never a quantized base).
     model, tokenizer, template, _ = load_for_inference(lora_dir, model_name_or_path, dtype="float32",
                                                        trust_remote_code=trust_remote_code, keep_quantization=False)
@@ -24,5 +35,5 @@ def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_co
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copyfile(Path(lora_dir) / TEMPLATE_FILE, out / TEMPLATE_FILE)
-    print(f"merged {lora_dir} into {meta['base_model']} -> {out}/")
+    print(f"merged {lora_dir} into {run.meta['base_model']} -> {out}/")
     return out

@@ -41,6 +41,20 @@ EMBEDDED_NAMES = {EMBEDDED_ALIAS: EMBEDDED_ALIAS, "embedded": EMBEDDED_ALIAS, "s
                   GEMMA3_ALIAS: GEMMA3_ALIAS}
 
 
+# Module names of a layout, by role (a name matches a module whose dotted name equals it or ends with "." + it;
+# `*` is a wildcard for scoping):
+#   kv:       the attention key/value projections (IA3 rescales them; a fused qkv projection where there is one)
+#   attn_out: the Linear whose output is the attention sub-layer output (before the residual add)
+#   mlp_out:  the Linear whose output is the MLP sub-layer output (IA3's feed-forward module)
+#   mlp, attn: the whole MLP / attention modules (the parallel bottleneck adapter sits beside them)
+#   lora:     default LoRA targets, where a config type differs from its family's lora_targets
+MODULE_ROLES = ("kv", "attn_out", "mlp_out", "mlp", "attn", "lora")
+LLAMA_LAYOUT = {"kv": ("k_proj", "v_proj"), "attn_out": "o_proj", "mlp_out": "down_proj", "mlp": "mlp",
+                "attn": "self_attn"}
+_DENSE_4H = {"kv": ("query_key_value",), "mlp_out": "dense_4h_to_h", "mlp": "mlp"}
+_MOE_LAYOUT = {"attn_out": "o_proj", "mlp_out": "mlp", "mlp": "mlp", "attn": "self_attn"}  # adapter after the MoE block
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -50,7 +64,9 @@ class ModelSpec:
     config_types: tuple = ()     # config.model_type values this family covers (empty: any)
     trust_remote_code: bool = False  # every checkpoint of the family runs code shipped with it
     remote_code_types: tuple = ()    # config types that need --trust_remote_code (transformers lacks them)
-    config_targets: tuple = ()   # ((config type, targets), ...): where a config type names its layers otherwise
+    modules: dict = None         # the family's layout by role (MODULE_ROLES); None: not known (methods that need
+                                 # it ask for explicit target modules)
+    config_modules: tuple = ()   # ((config type, {role: names}), ...): config types laid out otherwise
     family: str = ""
     examples: tuple = ()         # more checkpoints of the family (the default comes first in the table)
     pad_token: str = ""          # pad-token fix
@@ -65,7 +81,8 @@ class ModelSpec:
 
     def targets_for(self, config_type=None):
         """Default LoRA targets for a checkpoint of this config type."""
-        return dict(self.config_targets).get(config_type, self.lora_targets)
+        return tuple(dict(self.config_modules).get(config_type, {}).get("lora", self.lora_targets))
+
 
 
 _PAD_EOS = "none defined: EOS is used (safe: padding is masked and labels come from the template)"
@@ -76,6 +93,7 @@ MODEL_TYPES = {
         name="llama", family="LLaMA 1/2/3, Vicuna, Alpaca", default_checkpoint="meta-llama/Llama-3.2-1B-Instruct",
         examples=("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-2-7b-hf", "huggyllama/llama-7b",
                   "lmsys/vicuna-7b-v1.5", "chavinlo/alpaca-native"),
+        modules=LLAMA_LAYOUT,
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("llama",),
         pad_token=_PAD_EOS, dtype_advice=_GPU_DTYPE,
         quirks="Llama 1/2 base and Alpaca/Vicuna checkpoints have no chat template: pass --template alpaca or "
@@ -108,7 +126,7 @@ MODEL_TYPES = {
         name="glm4", family="GLM-4", default_checkpoint="THUDM/GLM-4-9B-0414",
         examples=("THUDM/glm-4-9b-chat-hf", "THUDM/glm-4-9b-chat"),
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("glm", "glm4", "chatglm"),
-        remote_code_types=("chatglm",), config_targets=(("chatglm", ("query_key_value",)),),
+        remote_code_types=("chatglm",), config_modules=(("chatglm", {"lora": ("query_key_value",)}),),
         pad_token="the tokenizer defines one", dtype_advice="bf16 on GPU; fp32 on CPU",
         quirks="Native in transformers (config glm for glm-4-9b-chat-hf, glm4 for GLM-4-0414); the older "
                "THUDM/glm-4-9b-chat is the remote-code ChatGLM layout (config chatglm, query_key_value), "
@@ -116,6 +134,7 @@ MODEL_TYPES = {
     "bloom": ModelSpec(
         name="bloom", family="BLOOM, BLOOMZ", default_checkpoint="bigscience/bloomz-560m",
         examples=("bigscience/bloomz-7b1-mt", "bigscience/bloom-560m"),
+        modules={**_DENSE_4H, "attn_out": "self_attention.dense", "attn": "self_attention"},
         lora_targets=("query_key_value",), template="alpaca", config_types=("bloom",),
         pad_token="the tokenizer defines <pad>", dtype_advice="bf16 (trained in bf16) on GPU; fp32 on CPU",
         quirks="No chat template; ALiBi positions (no RoPE); large 250k vocabulary makes the LM head the biggest layer."),
@@ -140,7 +159,7 @@ MODEL_TYPES = {
         name="internlm", family="InternLM 1/2/2.5/3", default_checkpoint="internlm/internlm3-8b-instruct",
         examples=("internlm/internlm2_5-7b-chat", "internlm/internlm-7b"),
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("internlm", "internlm2", "internlm3"),
-        remote_code_types=("internlm", "internlm2"), config_targets=(("internlm2", ("wqkv",)),),
+        remote_code_types=("internlm", "internlm2"), config_modules=(("internlm2", {"lora": ("wqkv",)}),),
         pad_token="the tokenizer defines one", dtype_advice="bf16 on GPU; fp32 on CPU",
         quirks="InternLM 1 and 2/2.5 ship their code (InternLM2 fuses q, k, v in wqkv); InternLM 3 is native in "
                "transformers (llama layout) and needs no remote code for the model. InternLM 1 base has no chat "
@@ -148,6 +167,7 @@ MODEL_TYPES = {
     "qwen": ModelSpec(
         name="qwen", family="Qwen2, Qwen2.5", default_checkpoint="Qwen/Qwen2.5-0.5B-Instruct",
         examples=("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2-1.5B-Instruct"),
+        modules=LLAMA_LAYOUT,
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("qwen2",),
         pad_token="the tokenizer defines <|endoftext|>", dtype_advice=_GPU_DTYPE,
         quirks="Qwen 1 (config qwen) is remote code and not covered: --model_type auto --trust_remote_code. "
@@ -155,6 +175,7 @@ MODEL_TYPES = {
     "qwen3": ModelSpec(
         name="qwen3", family="Qwen3", default_checkpoint="Qwen/Qwen3-0.6B",
         examples=("Qwen/Qwen3-8B", "Qwen/Qwen3-4B-Instruct-2507"),
+        modules=LLAMA_LAYOUT,
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("qwen3",),
         pad_token="the tokenizer defines <|endoftext|>", dtype_advice=_GPU_DTYPE,
         quirks="Hybrid thinking template: the answer of the last turn is rendered with an empty <think></think> "
@@ -163,6 +184,7 @@ MODEL_TYPES = {
     "mistral": ModelSpec(
         name="mistral", family="Mistral", default_checkpoint="mistralai/Mistral-7B-Instruct-v0.3",
         examples=("mistralai/Mistral-7B-v0.1",),
+        modules=LLAMA_LAYOUT,
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("mistral",),
         pad_token=_PAD_EOS, dtype_advice=_GPU_DTYPE,
         quirks="Instruct templates require alternating user/assistant turns and older ones reject a system "
@@ -170,6 +192,10 @@ MODEL_TYPES = {
     "gemma": ModelSpec(
         name="gemma", family="Gemma 1/2/3", default_checkpoint="google/gemma-3-1b-it",
         examples=("google/gemma-2-2b-it", "google/gemma-2b-it", f"{GEMMA3_ALIAS} (embedded, base)"),
+        modules=LLAMA_LAYOUT,
+        # the multimodal Gemma 3 also has a vision tower with `mlp` / `self_attn`: adapters stay in the language model
+        config_modules=(("gemma3", {"attn_out": "language_model.*.o_proj", "mlp_out": "language_model.*.down_proj",
+                                    "mlp": "language_model.*.mlp", "attn": "language_model.*.self_attn"}),),
         lora_targets=("q_proj", "v_proj"), template="chat",
         config_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
         pad_token="the tokenizer defines <pad>", dtype_advice="bf16 or fp32, never fp16 (activations overflow)",
@@ -180,6 +206,7 @@ MODEL_TYPES = {
     "phi3": ModelSpec(
         name="phi3", family="Phi-3, Phi-3.5, Phi-4-mini", default_checkpoint="microsoft/Phi-3.5-mini-instruct",
         examples=("microsoft/Phi-4-mini-instruct", "microsoft/Phi-3-mini-4k-instruct"),
+        modules={**LLAMA_LAYOUT, "kv": ("qkv_proj",)},
         lora_targets=("qkv_proj",), template="chat", config_types=("phi3",),
         pad_token="the tokenizer defines one", dtype_advice=_GPU_DTYPE,
         quirks="q, k, v are fused in qkv_proj (gate and up in gate_up_proj). Phi-3-small (config phi3small) and "
@@ -187,12 +214,14 @@ MODEL_TYPES = {
     "gpt_neox": ModelSpec(
         name="gpt_neox", family="GPT-NeoX, Pythia", default_checkpoint="EleutherAI/pythia-410m",
         examples=("EleutherAI/pythia-1.4b-deduped", "EleutherAI/gpt-neox-20b"),
+        modules={**_DENSE_4H, "attn_out": "attention.dense", "attn": "attention"},
         lora_targets=("query_key_value",), template="alpaca", config_types=("gpt_neox",),
         pad_token=_PAD_EOS, dtype_advice="fp16 or bf16 on GPU; fp32 on CPU",
         quirks="Base models without a chat template; untied input and output embeddings."),
     "falcon": ModelSpec(
         name="falcon", family="Falcon", default_checkpoint="tiiuae/falcon-7b",
         examples=("tiiuae/falcon-7b-instruct", "tiiuae/falcon-rw-1b"),
+        modules={**_DENSE_4H, "attn_out": "self_attention.dense", "attn": "self_attention"},
         lora_targets=("query_key_value",), template="alpaca", config_types=("falcon",),
         pad_token=_PAD_EOS, dtype_advice="bf16 (trained in bf16) on GPU; fp32 on CPU",
         quirks="Old checkpoints' configs say RefinedWeb/RefinedWebModel and need remote code; current ones are "
@@ -200,12 +229,18 @@ MODEL_TYPES = {
     "smollm": ModelSpec(
         name="smollm", family="SmolLM2, SmolLM3", default_checkpoint=EMBEDDED_ALIAS,
         examples=("HuggingFaceTB/SmolLM2-1.7B-Instruct", "HuggingFaceTB/SmolLM3-3B"),
+        modules=LLAMA_LAYOUT,
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("llama", "smollm3"),
         pad_token="the tokenizer defines one", dtype_advice="fp32 or bf16; small enough for CPU",
         quirks="The embedded checkpoint is de-quantized from a Q4_1 GGUF file and cached as safetensors. "
                "SmolLM2 is llama architecture: hub SmolLM2 checkpoints are inferred as llama (same targets)."),
     "auto": ModelSpec(
-        name="auto", family="any causal LM", default_checkpoint=EMBEDDED_ALIAS, lora_targets=("auto",),
+        name="auto", family="any causal LM", default_checkpoint=EMBEDDED_ALIAS,
+        config_modules=(("mixtral", _MOE_LAYOUT), ("qwen2_moe", _MOE_LAYOUT), ("qwen3_moe", _MOE_LAYOUT),
+                        ("olmo", LLAMA_LAYOUT), ("olmo2", LLAMA_LAYOUT),
+                        ("phi", {"attn_out": "self_attn.dense", "mlp_out": "fc2", "mlp": "mlp", "attn": "self_attn"}),
+                        ("gpt2", {"attn_out": "attn.c_proj", "mlp_out": "mlp.c_proj", "mlp": "mlp", "attn": "attn"})),
+        lora_targets=("auto",),
         template="chat", pad_token=_PAD_EOS,
         quirks="Targets are the attention query/value (or fused qkv) projections found by inspecting the "
                "model's linear layers; remote code still needs --trust_remote_code."),
@@ -216,6 +251,19 @@ def cache_dir() -> Path:
     root = os.environ.get("ALPACA_COT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alpaca-cot")
     return Path(root)
+
+
+def layout_for(config_type):
+    """{role: module names} of an architecture (HF config.model_type), from the family that covers it; None when
+    no family knows its layout."""
+    for spec in MODEL_TYPES.values():
+        special = dict(spec.config_modules).get(config_type)
+        if special is not None and set(special) - {"lora"}:
+            return special
+    for spec in MODEL_TYPES.values():
+        if config_type in spec.config_types and spec.modules:
+            return spec.modules
+    return None
 
 
 def get_spec(model_type):
@@ -471,12 +519,14 @@ def load_model(path, dtype="auto", trust_remote_code=False, pad_token_id=None, q
     return model
 
 
-def load_model_and_tokenizer(model_name_or_path=None, model_type=None, trust_remote_code=False, dtype="auto"):
-    """Load (model, tokenizer, model_type, resolved_path) for any script."""
-    path, _, model_type = resolve_model(model_name_or_path, model_type, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id)
-    return model, tokenizer, model_type, path
+def place_for_inference(model):
+    """Move a model loaded for inference to this process's GPU when there is one (a quantized base is already
+    there: bitsandbytes placed it with device_map)."""
+    import torch
+
+    if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return model
 
 
 # ---- the README's table ------------------------------------------------------------------------------
@@ -499,8 +549,9 @@ def models_table():
         checkpoints = ", ".join([default, *spec.examples])
         targets = " ".join(spec.lora_targets) if spec.lora_targets != ("auto",) else \
             "query/value projections found by inspection"
-        for config_type, special in spec.config_targets:
-            targets += f" ({config_type}: {' '.join(special)})"
+        for config_type, special in spec.config_modules:
+            if "lora" in special:
+                targets += f" ({config_type}: {' '.join(special['lora'])})"
         configs = ", ".join(spec.config_types) or "any"
         rows.append(f"| `{spec.name}` | {spec.family} | {checkpoints} | {configs} | {targets} | {spec.template} | "
                     f"{_remote_code_cell(spec)} |")

@@ -28,11 +28,8 @@ import torch
 
 from utils.trainer import ToolkitTrainer
 
-# Methods whose forward is the base model's token-by-token forward (their loss is the plain LM loss).
-SELECTIVE_LOSS_METHODS = {"lora", "dora", "qlora", "loha", "lokr", "ia3", "vera", "full", "freeze", "sadapter_h",
-                          "sadapter_p", "p_adapter"}
-# Methods that prepend virtual tokens or a key/value prefix: positions and masks are theirs, never packed.
-PROMPT_LEARNING_METHODS = {"prefix", "p_tuning", "prompt"}
+# Which methods may pack samples or use selective logits is declared by their presets (peft/*.yaml: `packing`,
+# `selective_loss`); utils/train.py reads those.
 ROW_TOKENS = "row_tokens"  # per-row count of real tokens; read by the Trainer, never passed to the model
 
 
@@ -176,6 +173,7 @@ def check_packing(model, vocab_size=None, seed=1234):
     a1, a2 = (torch.randint(5, vocab_size, (1, 11), generator=gen) for _ in range(2))
     b = torch.randint(5, vocab_size, (1, 7), generator=gen)
     pos = torch.cat([torch.arange(11), torch.arange(7)]).unsqueeze(0)
+    a1, a2, b, pos = (t.to(_device(model)) for t in (a1, a2, b, pos))  # a quantized base already sits on its GPU
     try:
         with _probe_mode(model), torch.no_grad():
             alone_a = _forward(model, input_ids=a1).logits.float()
@@ -193,6 +191,10 @@ def check_packing(model, vocab_size=None, seed=1234):
     if err > tol:
         return False, f"packed logits differ from the logits alone by {err:.1e} (relative; tolerance {tol:.0e})"
     return True, f"packed = alone to {err:.0e}, no leak across samples"
+
+
+def _device(model):
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _weights_dtype(model):
@@ -232,6 +234,7 @@ def check_selective_loss(model, vocab_size=None, seed=4321):
     labels = ids.clone()
     labels[:, :5] = -100
     labels[1, 9:] = -100
+    ids, labels = ids.to(_device(model)), labels.to(_device(model))
     try:
         with _probe_mode(model), torch.no_grad():
             own = _forward(model, input_ids=ids, labels=labels).loss.float().item()
@@ -248,7 +251,7 @@ def batch_loss(model, batch, bf16=False):
     model = _unwrap(model)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with _probe_mode(model), torch.no_grad(), ctx:
-        fwd = {k: v for k, v in batch.items() if k != ROW_TOKENS}
+        fwd = {k: v.to(_device(model)) for k, v in batch.items() if k != ROW_TOKENS}
         return _forward(model, **fwd).loss.float().item()
 
 

@@ -9,6 +9,8 @@ Presets are data (never .py files in peft/, which would shadow the upstream `pef
 Every method is saved as adapter_config.json + adapter_model.safetensors and loaded back by
 `load_adapter(model, dir)`, which every script uses.
 """
+import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -16,11 +18,23 @@ from pathlib import Path
 import yaml
 
 from utils.errors import UserError
+from utils.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "peft"
 PEFT_TYPES = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-PROMPT_LEARNING = ("peft.PrefixTuningConfig", "peft.PromptEncoderConfig", "peft.PromptTuningConfig")
-WEIGHT_METHODS = ("full", "freeze")
+# What every preset declares about its method; read by training, merging and serving instead of lists of names.
+CAPABILITIES = {
+    "builder": "who builds it: peft.<ConfigClass> (upstream peft), bottleneck (utils/bottleneck.py), full or freeze",
+    "loader": "how a saved adapter is attached: peft, bottleneck or weights (trained tensors copied into the base)",
+    "mergeable": "merge.py can fold it into the base weights",
+    "quantized_base": "4bit (always), optional (--load_in_4bit / --load_in_8bit) or none",
+    "packing": "samples may be packed into one row (the method does not own positions or the attention mask)",
+    "selective_loss": "its loss is the plain LM loss, so logits are computed at trained positions only",
+    "prompt_learning": "it prepends virtual tokens or a key/value prefix",
+    "shareable": "server.py serves its adapters from one loaded base, switched per request",
+    "gradient_checkpointing": "--gradient_checkpointing works with it",
+    "needs_gpu": "it cannot train on a CPU",
+}
 # our flag -> preset key, for flags whose name differs from the config key
 DIRECT_FLAGS = {"num_virtual_tokens": "num_virtual_tokens", "bottleneck_size": "bottleneck_size",
                 "adapter_non_linearity": "non_linearity", "adapter_dropout": "dropout",
@@ -28,11 +42,30 @@ DIRECT_FLAGS = {"num_virtual_tokens": "num_virtual_tokens", "bottleneck_size": "
 GENERIC_FLAGS = ("lora_r", "lora_alpha", "lora_dropout")
 
 
+@functools.lru_cache(maxsize=None)
+def _read_preset(peft_type):
+    return yaml.safe_load((PRESET_DIR / f"{peft_type}.yaml").read_text(encoding="utf-8"))
+
+
 def load_preset(peft_type):
-    path = PRESET_DIR / f"{peft_type}.yaml"
-    if peft_type not in PEFT_TYPES or not path.is_file():
-        raise UserError(f"unknown --peft_type '{peft_type}'; valid types are: {', '.join(PEFT_TYPES)}")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    """The preset of a method as a dict (a copy: callers may change it)."""
+    if peft_type not in PEFT_TYPES:
+        import difflib
+
+        hint = difflib.get_close_matches(str(peft_type), PEFT_TYPES, n=1)
+        raise UserError(f"unknown --peft_type '{peft_type}'; valid types are: {', '.join(PEFT_TYPES)}"
+                        + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    return copy.deepcopy(_read_preset(peft_type))
+
+
+def methods_with(**capabilities):
+    """Names of the methods whose presets declare these capability values, e.g. methods_with(shareable=True)."""
+    return [name for name in PEFT_TYPES
+            if all(_read_preset(name).get(k) == v for k, v in capabilities.items())]
+
+
+def capability(peft_type, key):
+    return load_preset(peft_type)[key]
 
 
 def _parse_options(options):
@@ -68,13 +101,25 @@ def preset_params(peft_args):
     return preset, params
 
 
-def quantization_bits(model_args, peft_args):
-    """4, 8 or None; impossible combinations fail here, before any model is loaded."""
-    preset = load_preset(peft_args.peft_type)
-    if model_args.load_in_4bit and model_args.load_in_8bit:
+def requested_bits(model_args):
+    """4, 8 or None from --load_in_4bit / --load_in_8bit."""
+    if getattr(model_args, "load_in_4bit", False) and getattr(model_args, "load_in_8bit", False):
         raise UserError("--load_in_4bit and --load_in_8bit exclude each other; pick one")
-    bits = 4 if model_args.load_in_4bit else 8 if model_args.load_in_8bit else None
-    mode = preset.get("quantized_base", "optional")
+    return 4 if getattr(model_args, "load_in_4bit", False) else 8 if getattr(model_args, "load_in_8bit", False) \
+        else None
+
+
+def check_quantization_available(bits):
+    import importlib.util
+
+    if bits and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"--load_in_{bits}bit needs bitsandbytes; run `pip install bitsandbytes`")
+
+
+def quantization_bits(model_args, peft_args):
+    """4, 8 or None for training; impossible combinations fail here, before any model is loaded."""
+    bits = requested_bits(model_args)
+    mode = capability(peft_args.peft_type, "quantized_base")
     if mode == "4bit":
         if bits == 8:
             raise UserError(f"--peft_type {peft_args.peft_type} trains on a 4-bit base; drop --load_in_8bit "
@@ -83,11 +128,7 @@ def quantization_bits(model_args, peft_args):
     if bits and mode == "none":
         raise UserError(f"--peft_type {peft_args.peft_type} cannot train a quantized base; drop "
                         f"--load_in_{bits}bit (or pick a LoRA-family method)")
-    if bits:
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError(f"--load_in_{bits}bit needs bitsandbytes; run `pip install bitsandbytes`")
+    check_quantization_available(bits)
     return bits
 
 
@@ -175,15 +216,18 @@ def _schedule_steps(params, total_steps):
 def build_peft_config(peft_type, params, model, spec, lora_target_modules=None, total_steps=None):
     import peft
 
+    from utils.models import layout_for
+
     preset = load_preset(peft_type)
     cls_name = preset["builder"].split(".", 1)[1]
     cls = getattr(peft, cls_name)
     params = dict(params)
     fields = getattr(cls, "__dataclass_fields__", {})
-    if preset["builder"] not in PROMPT_LEARNING and "target_modules" in fields and "target_modules" not in params:
-        arch_targets = (preset.get("targets") or {}).get(getattr(model.config, "model_type", None))
-        if arch_targets and not lora_target_modules:
-            params.update(arch_targets)
+    if not preset["prompt_learning"] and "target_modules" in fields and "target_modules" not in params:
+        layout = layout_for(getattr(model.config, "model_type", None)) or {}
+        if preset["builder"] == "peft.IA3Config" and "kv" in layout and not lora_target_modules:
+            # IA3: rescale keys, values and the MLP output's input (the feed-forward module)
+            params.update(target_modules=[*layout["kv"], layout["mlp_out"]], feedforward_modules=[layout["mlp_out"]])
         else:
             params["target_modules"] = resolve_targets(model, lora_target_modules, spec)
             if preset["builder"] == "peft.IA3Config":
@@ -275,36 +319,41 @@ def count_parameters(model):
 # ---- saving and loading --------------------------------------------------------------------------
 def save_adapter(model, out_dir, peft_type):
     """Write adapter_config.json + adapter_model.safetensors for any method."""
-    builder = load_preset(peft_type)["builder"]
+    loader = capability(peft_type, "loader")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if builder == "bottleneck":
+    if loader == "bottleneck":
         from utils.bottleneck import save_bottleneck
 
         save_bottleneck(model, out)
-    elif builder in WEIGHT_METHODS:
+    elif loader == "weights":
         from safetensors.torch import save_file
 
         tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(tensors, str(out / "adapter_model.safetensors"))
+        save_file(tensors, str(out / ADAPTER_WEIGHTS))
         cfg = {"peft_type": peft_type, "library": "alpaca-cot weights", "tensors": len(tensors),
                "base_model_name_or_path": getattr(model.config, "_name_or_path", None)}
-        (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+        (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=1), encoding="utf-8")
     else:
         model.save_pretrained(out)
 
 
-def load_adapter(model, adapter_dir):
-    """Attach a saved adapter of any method (inference mode) to its base model."""
-    cfg_path = Path(adapter_dir) / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{adapter_dir} has no adapter_config.json; pass the --output_dir of a finished "
-                        "uniform_finetune.py run")
-    peft_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("peft_type", "")
-    if peft_type in WEIGHT_METHODS:
+def adapter_loader(adapter_config):
+    """How to attach a saved adapter: its adapter_config.json names our method (weights, bottleneck) or PEFT's."""
+    peft_type = str(adapter_config.get("peft_type", ""))
+    return capability(peft_type, "loader") if peft_type in PEFT_TYPES else "peft"
+
+
+def load_adapter(model, adapter_dir, adapter_name=None):
+    """Attach a saved adapter of any method (inference mode) to its base model; the files are checked first."""
+    from utils.run_dir import check_adapter_dir
+
+    config = check_adapter_dir(adapter_dir)
+    loader = adapter_loader(config)
+    if loader == "weights":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+        tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
         params = dict(model.named_parameters())
         unknown = [k for k in tensors if k not in params]
         if unknown:
@@ -315,14 +364,22 @@ def load_adapter(model, adapter_dir):
         with torch.no_grad():
             for k, v in tensors.items():
                 params[k].copy_(v.to(params[k].dtype))
-    elif peft_type in ("sadapter_h", "sadapter_p", "p_adapter"):
+    elif loader == "bottleneck":
         from utils.bottleneck import load_bottleneck
 
         model = load_bottleneck(model, adapter_dir)
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        try:
+            if isinstance(model, PeftModel) and adapter_name:  # one more adapter on a shared base (server.py)
+                model.load_adapter(adapter_dir, adapter_name=adapter_name)
+            else:
+                model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name or "default")
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise UserError(f"the adapter in {adapter_dir} does not fit this base model "
+                            f"({str(exc).splitlines()[0][:200]}); load it onto the base model it was trained on") \
+                from None
     model.eval()
     return model
 

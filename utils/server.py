@@ -34,8 +34,6 @@ from typing import Any, Optional
 
 from utils.errors import UserError
 
-# peft_type values (ours, from finetune_meta.json) whose adapters share one PeftModel per tuner type
-SHARED_METHODS = ("lora", "dora", "qlora", "adalora", "loha", "lokr", "ia3")
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 OWNER = "alpaca-cot"
@@ -230,37 +228,39 @@ class _Stripped:
 
 
 def load_engine(model_args, serve_args, gen_args, log=print):
-    """Load the base model once and every --lora_dir adapter; one Entry per model id."""
-    from peft import PeftModel
+    """Load the base model once and every --lora_dir adapter; one Entry per model id.
 
-    from utils.generation import read_meta
-    from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
-    from utils.peft_methods import load_adapter
-    from utils.templates import Template, pick_template
-    from utils.train import TEMPLATE_FILE
+    Adapters of methods whose preset says `shareable` attach to one PeftModel per (tuner, quantization) and are
+    switched per request; the others get their own copy of the base.
+    """
+    from utils.loader import inference_bits, open_run
+    from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, place_for_inference, resolve_model
+    from utils.peft_methods import capability, check_quantization_available, load_adapter, requested_bits
+    from utils.templates import pick_template
 
-    if model_args.load_in_4bit and model_args.load_in_8bit:
-        raise UserError("--load_in_4bit and --load_in_8bit exclude each other; pick one")
-    base_bits = 4 if model_args.load_in_4bit else 8 if model_args.load_in_8bit else None
+    base_bits = requested_bits(model_args)
     adapters = [parse_lora_value(v) for v in serve_args.lora_dir or []]
     ids = [a[0] for a in adapters]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     if dup:
         raise UserError(f"two --lora_dir values would both be served as '{dup}'; name them with NAME=DIR")
-    metas = {name: read_meta(path) for name, path in adapters}
-    trust = model_args.trust_remote_code or any(m.get("trust_remote_code") for m in metas.values())
+    runs = {name: open_run(path) for name, path in adapters}
+    bits_of = {name: inference_bits(run, base_bits) for name, run in runs.items()}
+    for bits in {base_bits, *bits_of.values()}:
+        check_quantization_available(bits)
+    trust = model_args.trust_remote_code or any(r.meta.get("trust_remote_code") for r in runs.values())
     if model_args.model_name_or_path:
         base = model_args.model_name_or_path
     elif adapters:
-        base = metas[adapters[0][0]]["base_model"]
         first = adapters[0][0]
+        base = runs[first].meta["base_model"]
         for name, _ in adapters[1:]:
-            if _base_key(metas[name]["base_model"]) != _base_key(base):
+            if _base_key(runs[name].meta["base_model"]) != _base_key(base):
                 raise UserError(f"the adapters were trained on different base models ('{first}' on {base}, "
-                                f"'{name}' on {metas[name]['base_model']}); start one server.py per base model")
+                                f"'{name}' on {runs[name].meta['base_model']}); start one server.py per base model")
     else:
         base = EMBEDDED_ALIAS
-    model_type = model_args.model_type or (metas[adapters[0][0]]["model_type"] if adapters else None)
+    model_type = model_args.model_type or (runs[adapters[0][0]].meta["model_type"] if adapters else None)
     path, _, mtype = resolve_model(base, model_type, trust)
     base_id = serve_args.served_name or _default_base_id(base)
     if base_id in ids:
@@ -269,28 +269,22 @@ def load_engine(model_args, serve_args, gen_args, log=print):
 
     entries, groups = [], {}  # groups: (PEFT tuner type, quantization bits) -> shared PeftModel
     for i, (name, adir) in enumerate(adapters):
-        meta = metas[name]
-        peft_type, bits = meta["peft_type"], meta.get("quant_bits")
+        run, bits = runs[name], bits_of[name]
         tokenizer = load_tokenizer(adir, trust)
-        template = Template.from_json((Path(adir) / TEMPLATE_FILE).read_text(encoding="utf-8"))
-        shared = peft_type in SHARED_METHODS
+        shared = capability(run.peft_type, "shareable")
         internal = f"adapter{i}"
         if shared:
-            tuner = json.loads((Path(adir) / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
-            key = (tuner, bits)
-            if key in groups:
-                model = groups[key]
-                model.load_adapter(adir, adapter_name=internal)
-            else:
-                model = load_model(path, model_args.dtype, trust, tokenizer.pad_token_id, bits)
-                model = PeftModel.from_pretrained(model, adir, adapter_name=internal)
-                groups[key] = model
-            model.eval()
+            key = (run.adapter_config.get("peft_type"), bits)
+            if key not in groups:
+                groups[key] = place_for_inference(load_model(path, model_args.dtype, trust, tokenizer.pad_token_id,
+                                                             bits))
+            model = groups[key] = load_adapter(groups[key], adir, adapter_name=internal)
         else:
-            model = load_adapter(load_model(path, model_args.dtype, trust, tokenizer.pad_token_id, bits), adir)
-        entries.append(Entry(name, model, tokenizer, template, peft_type, str(adir), internal if shared else None,
-                             shared, _context_length(model)))
-        log(f"[model '{name}': adapter {adir} ({peft_type}), template {template.name}, "
+            model = load_adapter(place_for_inference(load_model(path, model_args.dtype, trust, tokenizer.pad_token_id,
+                                                                bits)), adir)
+        entries.append(Entry(name, model, tokenizer, run.template, run.peft_type, str(adir),
+                             internal if shared else None, shared, _context_length(model)))
+        log(f"[model '{name}': adapter {adir} ({run.peft_type}), template {run.template.name}, "
             f"{'shares the base' if shared else 'own copy of the base'}]")
 
     tokenizer = load_tokenizer(path, trust)
@@ -299,7 +293,7 @@ def load_engine(model_args, serve_args, gen_args, log=print):
     if host is not None:
         base_entry = Entry(base_id, host, tokenizer, template, shared=True, max_length=_context_length(host))
     else:
-        model = load_model(path, model_args.dtype, trust, tokenizer.pad_token_id, base_bits)
+        model = place_for_inference(load_model(path, model_args.dtype, trust, tokenizer.pad_token_id, base_bits))
         model.eval()
         base_entry = Entry(base_id, model, tokenizer, template, max_length=_context_length(model))
     log(f"[model '{base_id}': base {base} ({mtype}), template {template.name}]")
@@ -688,7 +682,7 @@ def create_app(serve_args=None, model_args=None, gen_args=None, engine=None, log
 
 
 # ---- the command -----------------------------------------------------------------------------------------
-def _check_port(host, port):
+def check_port(host, port):
     """Fail before loading any model when the address cannot be bound."""
     import socket
 
@@ -717,7 +711,7 @@ def serve(model_args, serve_args, gen_args):
         raise UserError(f"--port must be between 1 and 65535, not {serve_args.port}")
     if serve_args.max_queue < 1:
         raise UserError(f"--max_queue must be at least 1, not {serve_args.max_queue}")
-    _check_port(serve_args.host, serve_args.port)
+    check_port(serve_args.host, serve_args.port)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     app = create_app(serve_args, model_args, gen_args, log=log)
     if serve_args.host not in ("127.0.0.1", "localhost", "::1") and not serve_args.api_key:

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import UserError, cli_main
+from utils.run_dir import LOG_HISTORY_FILE, METRICS_FILE, read_meta, read_metrics
 
 TOP_KEYS = {"output_dir", "train", "grid", "eval", "baseline", "title"}
 BASE_KEYS = ("model_name_or_path", "model_type", "template", "trust_remote_code", "dtype")  # what makes a base model
@@ -125,7 +126,7 @@ def train_cell(cell_dir, flags):
     start = time.time()
     result = run.trainer.train()
     metrics = finish_run(run, result, time.time() - start)
-    (cell_dir / "log_history.json").write_text(json.dumps(run.trainer.state.log_history, indent=1), encoding="utf-8")
+    (cell_dir / LOG_HISTORY_FILE).write_text(json.dumps(run.trainer.state.log_history, indent=1), encoding="utf-8")
     del run, result
     gc.collect()
     return metrics
@@ -200,16 +201,16 @@ def run_study(path):
         all_flags = {**train, **flags}
         cell_dir = out / "cells" / name
         adapter = cell_dir / "adapter"
-        if (adapter / "metrics.json").is_file() and (cell_dir / "log_history.json").is_file():
+        if (adapter / METRICS_FILE).is_file() and (cell_dir / LOG_HISTORY_FILE).is_file():
             print(f"study: cell {name}: trained already, skipped")
             summary["skipped"].append(name)
         else:
             print(f"study: cell {name}: training ({', '.join(f'{k}={v}' for k, v in flags.items())})")
             train_cell(cell_dir, all_flags)
             summary["trained"].append(name)
-        metrics = json.loads((adapter / "metrics.json").read_text(encoding="utf-8"))
-        histories[name] = json.loads((cell_dir / "log_history.json").read_text(encoding="utf-8"))
-        meta = json.loads((adapter / "finetune_meta.json").read_text(encoding="utf-8"))
+        metrics = read_metrics(adapter)
+        histories[name] = json.loads((cell_dir / LOG_HISTORY_FILE).read_text(encoding="utf-8"))
+        meta = read_meta(adapter)
         row = {"cell": name, "base_model": meta["base_model"], "model_type": meta["model_type"],
                "peft_type": meta["peft_type"], "data": " ".join(meta["data"]),
                "trainable_params": meta["trainable_params"], "steps": metrics["global_step"],

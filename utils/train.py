@@ -14,12 +14,11 @@ from pathlib import Path
 from utils import data as data_lib
 from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
-from utils.peft_methods import (attach_adapter, check_dtype, check_gradient_checkpointing, count_parameters, preset_params, quantization_bits,
-                                save_adapter, steps_for_run)
+from utils.peft_methods import (attach_adapter, capability, check_dtype, check_gradient_checkpointing,
+                                count_parameters, preset_params, quantization_bits, save_adapter, steps_for_run)
+from utils.run_dir import PLOT_FILE, default_run_dir, write_run
 from utils.templates import pick_template
 
-META_FILE = "finetune_meta.json"
-TEMPLATE_FILE = "template.json"
 
 
 class PadCollator:
@@ -154,7 +153,7 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
     def packing_check():
         if data_args.packing == "off":
             return False, "--packing off"
-        if peft_type in packing.PROMPT_LEARNING_METHODS:
+        if not capability(peft_type, "packing"):
             if data_args.packing == "on":
                 raise UserError(f"--packing on cannot be used with --peft_type {peft_type}: its virtual tokens / "
                                 "key-value prefix own the positions and the attention mask; use --packing off")
@@ -170,7 +169,7 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
     make_collator = lambda: (packing.PackingCollator(pad_token_id, data_args.cutoff_len, coef) if plan["packing"]
                              else PadCollator(pad_token_id))
     plan["selective_loss"], why_selective = False, f"{peft_type} keeps the model's own loss"
-    if peft_type in packing.SELECTIVE_LOSS_METHODS:
+    if capability(peft_type, "selective_loss"):
         plan["selective_loss"], why_selective = packing.check_selective_loss(model)
     if plan["bf16"] and train_args.bf16 == "auto":
         probe = make_collator()([train[i] for i in range(min(len(train), 4))])
@@ -323,21 +322,42 @@ def check_engines(train_args):
         raise UserError("--deepspeed needs the deepspeed package (and GPUs); run `pip install deepspeed` or drop it")
 
 
+RESUME_LATEST = ("latest", "true", "last")
+RESUME_IF_EXISTS = "if_exists"
+
+
 def resolve_resume(value, output_dir, say=print):
-    """--resume_from_checkpoint: 'latest' -> the newest complete checkpoint (or None), a path -> itself."""
+    """--resume_from_checkpoint: 'latest' -> the newest complete checkpoint (an error when there is none),
+    'if_exists' -> that checkpoint or None (start fresh), a path -> itself."""
     from utils.trainer import latest_checkpoint
 
     if value is None:
         return None
-    if value.lower() in ("latest", "true", "last"):
+    if value.lower() in RESUME_LATEST + (RESUME_IF_EXISTS,):
         found = latest_checkpoint(output_dir, say=say)
+        if found is None and value.lower() != RESUME_IF_EXISTS:
+            raise UserError(f"--resume_from_checkpoint: {output_dir} holds no complete checkpoint to resume from; "
+                            "drop the flag to start fresh, or pass --resume_from_checkpoint if_exists (resume when "
+                            "there is one, else start fresh)")
         if found is None:
-            say(f"resume: no complete checkpoint in {output_dir}; starting from the beginning")
+            say(f"resume: no complete checkpoint in {output_dir} yet; starting from the beginning (if_exists)")
         return found
     if not (Path(value) / "trainer_state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {value} is not a complete checkpoint directory; pass a "
                         "checkpoint-N folder or the flag alone to take the latest in --output_dir")
     return value
+
+
+def check_output_dir(value, model_type, peft_type):
+    """--output_dir (or its default) can be a run directory: not a file, not inside a file, writable."""
+    out = Path(value) if value else default_run_dir(model_type, peft_type)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--output_dir {out}: {p} is a file, not a directory; pass a directory for the run")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {out}: {existing} is not writable; pass a directory you can write to")
+    return out
 
 
 @dataclass
@@ -371,6 +391,7 @@ def build_run(model_args, data_args, peft_args, train_args):
     path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
                                         model_args.trust_remote_code)
     spec = get_spec(model_type)
+    output_dir = check_output_dir(train_args.output_dir, model_type, peft_args.peft_type)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     template = pick_template(data_args.template, spec.template, tokenizer, data_args.prompt_lang)
     train, val, report = prepare_data(data_args, tokenizer, template, train_args.seed)
@@ -382,7 +403,6 @@ def build_run(model_args, data_args, peft_args, train_args):
     if data_args.dry_run:
         return None
 
-    output_dir = Path(train_args.output_dir or f"saved_models/{model_type}_{peft_args.peft_type}")
     resume = resolve_resume(train_args.resume_from_checkpoint, output_dir, say=print if main else (lambda *a: None))
     model = load_model(path, model_args.dtype, model_args.trust_remote_code, tokenizer.pad_token_id, quant_bits)
     total_steps = steps_for_run(len(train), train_args.per_gpu_train_batch_size, train_args.gradient_accumulation_steps,
@@ -444,7 +464,6 @@ def finish_run(run, result, runtime):
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(run.model, out, run.meta["peft_type"])
     run.tokenizer.save_pretrained(out)
-    (out / TEMPLATE_FILE).write_text(run.template.to_json(), encoding="utf-8")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
                "last_logged_loss": losses[-1] if losses else None, "global_step": trainer.state.global_step,
@@ -456,11 +475,8 @@ def finish_run(run, result, runtime):
     if run.val:
         metrics["eval_loss"] = eval_loss
         metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
-    meta = dict(run.meta, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    (out / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
-    plot_curves(trainer.state.log_history, out / "loss.png")
+    write_run(out, run.meta, run.template, metrics, trainer.state.log_history)
+    plot_curves(trainer.state.log_history, out / PLOT_FILE)
     print(f"saved adapter, template and metadata to {out}/; loss {metrics['first_logged_loss']} -> "
           f"{metrics['last_logged_loss']} in {metrics['global_step']} steps, {runtime:.0f} s")
     return metrics
