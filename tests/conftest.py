@@ -68,6 +68,19 @@ def small_data(tmp_path_factory):
     return sample_rows_file(tmp_path_factory, 16)
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_run(tiny_llama_dir, tmp_path_factory):
+    """A finished 2-step LoRA run on the tiny llama (trained in this process): a run directory for tests that
+    only read one."""
+    from uniform_finetune import main
+
+    out = tmp_path_factory.mktemp("tiny_lora_run") / "adapter"
+    main(["--model_name_or_path", str(tiny_llama_dir), "--output_dir", str(out), "--max_steps", "2",
+          "--per_gpu_train_batch_size", "2", "--cutoff_len", "64", "--logging_steps", "1", "--save_steps", "1000",
+          "--data", "arith_sample:8"])
+    return out
+
+
 def start_server(app):
     """Run an ASGI app with uvicorn in a background thread on a free 127.0.0.1 port; (server, thread, url)."""
     import uvicorn

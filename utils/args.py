@@ -166,12 +166,31 @@ class TrainArguments:
         default=None, metadata={"help": "FSDP JSON config (e.g. configs/fsdp.json); giving it turns --fsdp on."})
     local_rank: int = field(
         default=-1, metadata={"help": "Set by `python -m torch.distributed.launch`; torchrun uses LOCAL_RANK instead."})
+    stage: str = field(
+        default="sft", metadata={"help": "Training stage: sft (instruction tuning, the default) or a preference stage "
+                                         "on pairs: dpo, orpo, kto, simpo (TRL's trainers; see README).",
+                                 "choices": ["sft", "dpo", "orpo", "kto", "simpo"]})
+    beta: Optional[float] = field(
+        default=None, metadata={"gt": 0, "help": "dpo / kto / simpo: the preference temperature beta; orpo: the weight "
+                                                 "lambda of its odds-ratio term (defaults from the papers: dpo 0.1, kto "
+                                                 "0.1, orpo 0.1, simpo 2.0)."})
+    loss_type: Optional[str] = field(
+        default=None, metadata={"help": "dpo: TRL's DPO loss variant (sigmoid = DPO, ipo, hinge, robust, ...); kto: kto "
+                                        "or apo_zero_unpaired (default: the stage's own loss)."})
+    ref_free: bool = field(
+        default=False, metadata={"help": "dpo: reference-free (the margin is the policy's alone; no reference forward)."})
+    ref_adapter: Optional[str] = field(
+        default=None, metadata={"help": "dpo / kto: start from this SFT adapter (a run directory); it is also the "
+                                        "reference model."})
+    simpo_gamma: Optional[float] = field(
+        default=None, metadata={"min": 0, "help": "simpo: the target reward margin gamma (default 0.5 * beta, as in "
+                                                  "the SimPO paper's gamma/beta = 0.5)."})
 
 
 def _check_train(args):
     if args.max_steps == 0:
         raise UserError("--max_steps must be -1 (train for --epochs) or at least 1, not 0")
-    if args.max_steps < 0 and not args.epochs > 0:
+    if args.epochs < 0 or (args.max_steps < 0 and not args.epochs > 0):
         raise UserError(f"--epochs must be > 0 when --max_steps is not given, not {args.epochs:g}; e.g. --epochs 3 "
                         "(or --max_steps 100)")
 

@@ -8,20 +8,24 @@ A --data value is `SOURCE[@FORMAT][:N]`:
 Conversion is cached on disk (datasets' Arrow cache, keyed by the files' size and mtime); so is
 tokenization (keyed by the data, tokenizer, template and options).
 """
+import contextlib
 import csv
+import difflib
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from utils.errors import UserError
-from utils.formats import FORMATS, add_cot_prompt, convert_row, detect_format
+from utils.formats import CJK, FORMATS, SKIP_REASONS, add_cot_prompt, convert_row, detect_format
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data"
@@ -131,14 +135,101 @@ def resolve_sources(values):
         elif name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(SUFFIXES):
             out.append(Source(label=name, hub_dataset=name, format=fmt, count=count))
         else:
+            hint = difflib.get_close_matches(name, [*datasets, *mixes], n=1)
+            if hint:
+                raise UserError(f"--data '{name}' is not a registered dataset or mix; did you mean '{hint[0]}'? "
+                                "(see `python -m utils.data` for the registry)")
             raise UserError(f"--data '{name}' is neither a registered dataset or mix nor an existing file or "
                             "directory; see `python -m utils.data` for the registry, or pass a file path")
     return out
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- reading ----------------------------------------------------------------------------------------
+_SAMPLE = 1 << 16  # bytes read to decide a file's encoding
+
+
+def _raw(path):
+    """A binary stream of the file's bytes (gunzipped for .gz), with a clear error for a file that is not gzip."""
+    if not path.name.endswith(".gz"):
+        return open(path, "rb", buffering=_SAMPLE)
+    f = gzip.open(path, "rb")
+    try:
+        f.peek(1)
+    except (OSError, EOFError) as exc:
+        f.close()
+        raise UserError(f"{path} is not a readable gzip file ({exc}); compress it with gzip or drop the .gz "
+                        "suffix") from None
+    return f
+
+
+def _encoding(path, sample):
+    """utf-8 (a BOM is dropped); GB18030 for Chinese files saved in GBK / GB2312; otherwise one clear sentence."""
+    import codecs
+
+    if not sample.strip():
+        raise UserError(f"{path} is empty; pass a file with data rows")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
+        return "utf-8-sig"
+    except UnicodeDecodeError as exc:
+        bad = exc
+    try:
+        text = codecs.getincrementaldecoder("gb18030")().decode(sample, final=False)
+    except UnicodeDecodeError:
+        text = ""
+    if CJK.search(text):
+        if str(path) not in _NOTED:
+            _NOTED.add(str(path))
+            print(f"note: {path} is not UTF-8; reading it as GB18030 (GBK), the usual encoding of Chinese files "
+                  "saved on Windows", file=sys.stderr)
+        return "gb18030"
+    raise UserError(f"{path} is not UTF-8 text (byte 0x{sample[bad.start]:02x} at offset {bad.start} is invalid) "
+                    "and not GBK either; save it as UTF-8") from None
+
+
+_NOTED = set()
+
+
+@contextlib.contextmanager
 def _open_text(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    """The file as text, its encoding detected from its first bytes (see _encoding); .gz is decompressed."""
+    raw = _raw(path)
+    try:
+        encoding = _encoding(path, raw.peek(_SAMPLE)[:_SAMPLE] if hasattr(raw, "peek") else b"")
+        with io.TextIOWrapper(raw, encoding=encoding, newline="") as f:
+            yield _Checked(f, path)
+    finally:
+        raw.close()
+
+
+class _Checked:
+    """Iterate / read a text stream, turning a decoding error or a truncated .gz into one sentence."""
+
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def _fail(self, exc):
+        if isinstance(exc, UnicodeDecodeError):
+            raise UserError(f"{self.path} is not valid {self.f.encoding} text further in ({exc.reason}); save the "
+                            "whole file as UTF-8") from None
+        raise UserError(f"{self.path} is truncated or damaged ({exc}); copy it again") from None
+
+    def read(self):
+        try:
+            return self.f.read()
+        except (UnicodeDecodeError, EOFError, OSError) as exc:
+            self._fail(exc)
+
+    def __iter__(self):
+        it = iter(self.f)
+        while True:
+            try:
+                line = next(it)
+            except StopIteration:
+                return
+            except (UnicodeDecodeError, EOFError, OSError) as exc:
+                self._fail(exc)
+            yield line
 
 
 _BAD_ESCAPE = re.compile(r'\\(?!["\\/bfnrtu])')
@@ -213,19 +304,39 @@ def iter_rows(path):
         for n, row in enumerate(data, 1):
             yield f"{path} row {n}", row, declared
     elif name.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            for n, row in enumerate(csv.DictReader(f), 2):
-                yield f"{path} line {n}", row, None
+        with _open_text(path) as f:
+            reader = csv.DictReader(f)
+            try:
+                for n, row in enumerate(reader, 2):
+                    if None in row:  # more cells than header columns
+                        raise UserError(f"{path} line {n} has {len(reader.fieldnames) + len(row[None])} cells but "
+                                        f"the header names {len(reader.fieldnames)} columns; quote cells that hold "
+                                        "commas")
+                    yield f"{path} line {n}", row, None
+            except csv.Error as exc:
+                raise UserError(f"{path} line {reader.line_num} is not valid CSV ({exc}); fix that line") from None
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        yield from _parquet_rows(path)
+    else:
+        raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
+
+def _parquet_rows(path):
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; pass a file with data rows")
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1000)
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+        for batch in batches:
             for row in batch.to_pylist():
                 n += 1
                 yield f"{path} row {n}", row, None
-    else:
-        raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowIOError, OSError) as exc:
+        raise UserError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0][:150]}); write it with "
+                        "pandas.to_parquet / pyarrow, or use .json / .jsonl / .csv") from None
 
 
 def _iter_hub(src):
@@ -251,14 +362,14 @@ def _rows(paths, hub_dataset):
 def _generate(paths_json, hub_dataset, fmt, columns, unescape, for_training, stats_file):
     """Yield {"messages": [...]} per kept row; write the source's statistics when done."""
     paths = json.loads(paths_json)  # a string, not a list: datasets would shard a list over several calls
-    stats = {"rows": 0, "skipped": 0, "format": fmt}
+    stats = {"rows": 0, "skipped": 0, "format": fmt, "skipped_because": {}}
     kept = 0
     for where, row, declared in _rows(paths, hub_dataset):
         if stats["format"] is None:
             stats["format"] = declared or detect_format(row, where)
         stats["rows"] += 1
         msgs = convert_row(row, stats["format"], where, for_training, columns, index=stats["rows"] - 1,
-                           unescape=unescape)
+                           unescape=unescape, skipped=stats["skipped_because"])
         if msgs is None:
             stats["skipped"] += 1
             continue
@@ -268,6 +379,11 @@ def _generate(paths_json, hub_dataset, fmt, columns, unescape, for_training, sta
     if stats["rows"] == 0:
         raise UserError(f"{name} has no rows")
     if kept == 0:
+        why = stats["skipped_because"]
+        if why and "no_answer" not in why:
+            reasons = ", ".join(f"{n} with {SKIP_REASONS[r]}" for r, n in why.items())
+            raise UserError(f"none of the {stats['rows']} rows of {name} ({stats['format']} format) can be used: "
+                            f"{reasons}; fix the rows' turns")
         raise UserError(f"none of the {stats['rows']} rows of {name} ({stats['format']} format) has an answer to "
                         "train on; use predict.py for prompt-only data, or check the output column")
     Path(stats_file).write_text(json.dumps(stats))

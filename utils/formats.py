@@ -25,7 +25,7 @@ ANSWER_KEYS = ("answer", "std_answer", "response")
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                 "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
 COT_SENTENCE = {"en": "Let's think step by step.", "zh": "先思考，再决定。"}
-CJK = re.compile(r"[\u4e00-\u9fff]")
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # CJK ideographs (extension A, unified, compatibility)
 
 # FLAN-style chain-of-thought templates (our own wording): (instruction, output) per template.
 COT_TEMPLATES = [
@@ -42,6 +42,8 @@ def msg(role, content, input_text=""):
 
 
 def _text(row, key, where, required=True):
+    if key in row and row[key] is None and required:
+        raise UserError(f"{where} field '{key}' is null; give it a string")
     if key not in row or row[key] is None:
         if required:
             raise UserError(f"{where} has no '{key}' field (it has: {', '.join(map(str, row)) or 'nothing'})")
@@ -93,7 +95,7 @@ def _remap(row, columns):
 
 def alpaca(row, where, for_training):
     instruction = _text(row, "instruction", where)
-    output = _text(row, "output", where, required=for_training)
+    output = _text(row, "output", where, required=for_training and row.get("output", "") is not None)
     input_text = _text(row, "input", where, required=False)
     msgs = [msg("system", _text(row, "system", where, required=False))] if row.get("system") else []
     history = row.get("history") or []
@@ -176,6 +178,8 @@ def transcript(row, where, for_training):
             msgs.append(msg(role, content))
     if not msgs:
         raise UserError(f"{where} field '{key}' has no 'Human:'/'Assistant:' turns")
+    if msgs[0]["role"] == "assistant":
+        return None  # a transcript opens with the human's turn: this one is out of order (skipped, counted)
     while msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
         msgs.pop()  # a trailing empty "Assistant:" is a prompt for prediction
     return _check_alternation(msgs)
@@ -244,8 +248,13 @@ CONVERTERS = {"alpaca": alpaca, "qa": qa, "sharegpt": sharegpt, "messages": mess
               "cot_raw": cot_raw, "mc": mc, "self_instruct": self_instruct, "prompt_only": prompt_only}
 
 
-def convert_row(row, fmt, where, for_training=True, columns=None, index=0, unescape=False):
-    """Row -> messages, or None when the row has to be skipped (no answer to train on, broken turn order)."""
+SKIP_REASONS = {"turn_order": "turns out of order (roles must alternate user / assistant)",
+                "no_user": "no user turn", "no_answer": "no answer (an empty or null output)"}
+
+
+def convert_row(row, fmt, where, for_training=True, columns=None, index=0, unescape=False, skipped=None):
+    """Row -> messages, or None when the row has to be skipped (no answer to train on, broken turn order); the
+    reason (a SKIP_REASONS key) is counted in the `skipped` dict when one is given."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is not a JSON object but {type(row).__name__}; rows must be objects")
     row = _remap(row, columns)
@@ -255,11 +264,18 @@ def convert_row(row, fmt, where, for_training=True, columns=None, index=0, unesc
         msgs = cot_raw(row, where, for_training, index)
     else:
         msgs = CONVERTERS[fmt](row, where, for_training)
-    if msgs is None or not any(m["role"] == "user" for m in msgs):
-        return None
-    if for_training and not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-        return None
-    return msgs
+    reason = None
+    if msgs is None:
+        reason = "turn_order"
+    elif not any(m["role"] == "user" for m in msgs):
+        reason = "no_user"
+    elif for_training and not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        reason = "no_answer"
+    if reason is None:
+        return msgs
+    if skipped is not None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+    return None
 
 
 def split_conversation(msgs):

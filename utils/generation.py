@@ -134,8 +134,9 @@ def generate_reply(model, tokenizer, template, messages, gen_args, stream=None, 
     return text
 
 
-def chat_loop(model, tokenizer, template, gen_args, system=None, read=input, write=print):
+def chat_loop(model, tokenizer, template, gen_args, system=None, read=None, write=print):
     """Interactive multi-turn chat: /clear forgets the history, /exit (or EOF) quits."""
+    read = read or input  # looked up at call time (a test or a caller may replace builtins.input)
     history = [{"role": "system", "content": system}] if system else []
     write("Chat with the model. /clear starts over, /exit quits.")
     while True:

@@ -24,13 +24,14 @@ def check_merge(lora_dir, merged_dir, model_args=None):
 
 
 def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_code=False, model_args=None):
-    from utils.loader import load_for_inference
+    from utils.loader import check_size, load_for_inference
 
     run = check_merge(lora_dir, merged_dir, model_args)
     out = Path(merged_dir)
     # The base is always reloaded in full precision for merging (never a quantized base).
-    model, tokenizer, template, _ = load_for_inference(lora_dir, model_name_or_path, dtype="float32",
-                                                       trust_remote_code=trust_remote_code, keep_quantization=False)
+    model, tokenizer, template, info = load_for_inference(lora_dir, model_name_or_path, dtype="float32",
+                                                          trust_remote_code=trust_remote_code, keep_quantization=False)
+    check_size(getattr(model_args, "size", None), info)
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # full/freeze: weights already in
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -341,14 +341,32 @@ def resolve_checkpoint(name_or_path):
 
 # ---- model type: inferred from the config, checked against it --------------------------------------
 def read_local_config(path):
-    """config.json of a local model directory as a plain dict (no code runs), or None."""
+    """config.json of a local model directory as a plain dict (no code runs), or None; a damaged one is an error."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        data = json.loads(cfg.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{cfg} is damaged ({str(exc).splitlines()[0][:120]}); restore the checkpoint's config.json "
+                        "(download or copy the model again)") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg} is not a model config (a JSON object); restore the checkpoint's config.json")
+    return data
+
+
+def _check_exists(name_or_path):
+    """A value that can only be a local path (not a hub id `name` or `owner/name`) must exist."""
+    name = str(name_or_path)
+    path_like = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+    if path_like and not Path(name).expanduser().exists():
+        raise UserError(f"--model_name_or_path {name} does not exist; pass an existing model directory or a hub id "
+                        "(owner/name)")
+    if Path(name).exists() and not Path(name).is_dir():
+        raise UserError(f"--model_name_or_path {name} is a file; pass the model's directory (with config.json)")
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise UserError(f"--model_name_or_path {name} has no config.json; pass the directory of a saved model "
+                        "(save_pretrained writes config.json and the weights)")
 
 
 def _config_dict(config):
@@ -440,6 +458,7 @@ def resolve_model(model_name_or_path=None, model_type=None, trust_remote_code=Fa
     if spec and spec.needs_remote_code() and not trust_remote_code:
         raise _remote_code_error(model_type, model_name_or_path)
     path = resolve_checkpoint(model_name_or_path)
+    _check_exists(path)
     raw = read_local_config(path)
     if raw is not None and raw.get("auto_map"):
         arch = raw.get("model_type")
@@ -512,8 +531,17 @@ def load_model(path, dtype="auto", trust_remote_code=False, pad_token_id=None, q
     if quant_bits:
         kwargs["quantization_config"] = quantization_config(quant_bits)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(dtype), trust_remote_code=trust_remote_code,
-                                                 **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_pick_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise UserError(f"cannot load the weights of '{path}' ({str(exc).splitlines()[0][:200]}); check that the "
+                        "model directory is complete (config.json and *.safetensors) or download it again") from None
+    except Exception as exc:  # safetensors' own error class for a truncated or corrupt weights file
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"the weights of '{path}' are damaged ({str(exc).splitlines()[0][:200]}); download or copy "
+                        "the model again") from None
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model

@@ -154,11 +154,17 @@ def check_dtype(dtype):
 
 
 def cpu_has_bf16():
+    """Native bf16 on this CPU: AVX512-BF16 or AMX in /proc/cpuinfo, and PyTorch's kernels at AVX512 level (so
+    ATEN_CPU_CAPABILITY=avx2 makes a machine behave like one without it, e.g. to reproduce CI on an AVX2 CPU)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return True  # cannot tell: let torch decide
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
 
 
 def linear_module_names(model):

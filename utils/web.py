@@ -11,9 +11,6 @@ import threading
 
 from utils.generation import generate_ids, generation_kwargs
 
-# Offline and private by default: no usage statistics, no update check.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
 DEFAULT_PORT = 7860
 _DONE = object()
 
@@ -99,6 +96,7 @@ def stream_chat(model, tokenizer, template, messages, gen_args, lock=None):
 
 def build_demo(model, tokenizer, template, info, gen_args=None, system=None, title="Alpaca-CoT chat"):
     """The chat app: gr.Blocks with a chatbot, a message box, Send / Clear, a system prompt and sampling."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # private by default: no usage statistics
     import gradio as gr
 
     from utils.args import GenerationArguments

@@ -194,13 +194,13 @@ def run_mc(handle, eval_args, gen_args, out_dir):
     items, skipped = [], {}
     for subject, path in test_files.items():
         rows, skipped[subject] = read_mc_csv(path)
+        multi = any(len(r["answer"]) > 1 for r in rows)  # the whole subject decides, not the rows --limit keeps
         if eval_args.limit:
             rows = rows[:eval_args.limit]
         shot_rows = rows_all = None
         if eval_args.shots:
             shot_rows, _ = read_mc_csv(shot_files[subject]) if shot_files[subject] else ([], 0)
             rows_all, _ = read_mc_csv(path) if same else (None, 0)
-        multi = any(len(r["answer"]) > 1 for r in rows)
         for i, row in enumerate(rows):
             shots = []
             if eval_args.shots:
