@@ -1,4 +1,4 @@
-"""Self-instruct (utils/self_instruct.py): parsing, every filter, the generation loop against a stub
+"""Self-instruct (utils/self_instruct/): parsing, every filter, the generation loop against a stub
 OpenAI-compatible endpoint on 127.0.0.1 (retries, truncation, resume), the CLI, and the README table."""
 import json
 import random
@@ -464,3 +464,26 @@ def test_loop_against_our_server(tiny_llama_dir, tmp_path):
             assert json.loads(si.stats_path(out).read_text()) == stats
     finally:
         stop_server(server, thread)
+
+
+def test_worker_error_reaches_the_caller_and_a_dead_worker_never_hangs():
+    from utils.self_instruct.pool import WorkerPool
+
+    pool = WorkerPool(lambda job: 1 / job, 2)
+    pool.submit(0)
+    with pytest.raises(ZeroDivisionError):
+        pool.next_result()
+    with pytest.raises(RuntimeError, match="would wait forever"):
+        pool.next_result()
+    pool.close()
+    dead = WorkerPool(lambda job: job, 1)
+    put = dead.results.put
+
+    def fail_once(x, *args, **kwargs):
+        dead.results.put = put
+        raise MemoryError("simulated")
+
+    dead.results.put = fail_once
+    dead.submit(1)
+    with pytest.raises(RuntimeError, match="ended with 1 job"):
+        dead.next_result()
