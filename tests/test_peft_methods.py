@@ -255,3 +255,30 @@ def test_readme_method_table_is_generated_from_presets():
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert methods_table() in readme
+
+
+def test_every_preset_declares_every_capability():
+    """A method's capabilities are data in its preset; code reads them instead of lists of method names."""
+    from utils.peft_methods import CAPABILITIES, load_preset, methods_with
+
+    for name in PEFT_TYPES:
+        preset = load_preset(name)
+        missing = [k for k in CAPABILITIES if k not in preset]
+        assert not missing, f"peft/{name}.yaml lacks {missing}"
+        assert preset["loader"] in ("peft", "bottleneck", "weights")
+        assert preset["quantized_base"] in ("4bit", "optional", "none")
+        for key in ("mergeable", "packing", "selective_loss", "prompt_learning", "shareable", "gradient_checkpointing",
+                    "needs_gpu"):
+            assert isinstance(preset[key], bool), (name, key)
+        assert not (preset["prompt_learning"] and preset["packing"]), name  # virtual tokens own the positions
+    assert methods_with(loader="bottleneck") == ["p_adapter", "sadapter_h", "sadapter_p"]
+    assert set(methods_with(prompt_learning=True)) == {"prefix", "p_tuning", "prompt"}
+
+
+def test_no_module_keeps_its_own_list_of_method_names():
+    import re
+
+    names = "|".join(PEFT_TYPES)
+    pattern = re.compile(rf"[\(\[{{]\s*\"({names})\"\s*,\s*\"({names})\"")
+    offenders = [str(p) for p in (ROOT / "utils").rglob("*.py") if pattern.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"hand-kept lists of method names in {offenders}; declare a capability in peft/*.yaml"

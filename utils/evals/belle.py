@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from utils.errors import UserError
-from utils.evals.common import ItemCache, batches, digest, excluded_prompts, md_table, progress, prompt_key
+from utils.evals.common import ItemCache, digest, excluded_prompts, md_table, progress, prompt_key
 from utils.evals.judge import judge_from_args, run_all
 from utils.evals.scoring import parse_judge_score
 
@@ -99,18 +99,14 @@ def run_belle(handle, eval_args, gen_args, out_dir):
     todo = [r for r in rows if r["key"] not in cache]
     bar = progress(len(rows), len(rows) - len(todo), "belle answers")
     if todo:
-        from utils.generation import generate_batch, generation_kwargs
+        from utils.generation import generate_missing, generation_kwargs
 
         model, tokenizer, template, _ = handle.load()
-        kwargs = generation_kwargs(gen_args, tokenizer, template)
         for r in todo:
             r["ids"] = template.prompt_ids(tokenizer, [{"role": "user", "content": r["question"]}])
-        todo.sort(key=lambda r: len(r["ids"]))
-        for batch in batches(todo, eval_args.batch_size):
-            texts = generate_batch(model, tokenizer, [r["ids"] for r in batch], kwargs)
-            for r, text in zip(batch, texts):
-                cache.put({"key": r["key"], "class": r["class"], "question": r["question"], "answer": text})
-            bar.update(len(batch))
+        generate_missing(todo, cache, model, tokenizer, generation_kwargs(gen_args, tokenizer, template),
+                         eval_args.batch_size, lambda r, text: {"class": r["class"], "question": r["question"],
+                                                                "answer": text}, bar.update)
     bar.close()
     answers = {r["key"]: cache[r["key"]]["answer"] for r in rows}
     if not eval_args.judge_base_url:

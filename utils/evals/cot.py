@@ -2,7 +2,7 @@
 from dataclasses import asdict
 
 from utils.errors import UserError
-from utils.evals.common import ItemCache, batches, conversation_items, digest, md_table, progress, prompt_key
+from utils.evals.common import ItemCache, conversation_items, digest, md_table, progress, prompt_key
 from utils.evals.scoring import answers_match, extract_final_answer
 from utils.formats import split_conversation
 
@@ -34,20 +34,16 @@ def run_cot(handle, eval_args, gen_args, out_dir):
     bar = progress(len(items), len(items) - len(todo), "cot")
     if todo:
         from utils.formats import add_cot_prompt
-        from utils.generation import generate_batch, generation_kwargs
+        from utils.generation import generate_missing, generation_kwargs
 
         model, tokenizer, template, _ = handle.load()
-        kwargs = generation_kwargs(gen_args, tokenizer, template)
         for it in todo:
             msgs = add_cot_prompt(it["prompt"]) if opts["cot_prompt"] else it["prompt"]
             it["ids"] = template.prompt_ids(tokenizer, msgs)
-        todo.sort(key=lambda it: len(it["ids"]))
-        for batch in batches(todo, eval_args.batch_size):
-            texts = generate_batch(model, tokenizer, [it["ids"] for it in batch], kwargs)
-            for it, text in zip(batch, texts):
-                cache.put({"key": it["key"], "source": it["source"], "prompt": it["prompt"][-1]["content"],
-                           "output": text, "reference_text": it["ref"]})
-            bar.update(len(batch))
+        generate_missing(todo, cache, model, tokenizer, generation_kwargs(gen_args, tokenizer, template),
+                         eval_args.batch_size, lambda it, text: {"source": it["source"], "output": text,
+                                                                 "prompt": it["prompt"][-1]["content"],
+                                                                 "reference_text": it["ref"]}, bar.update)
     bar.close()
     recs = [score_cot(cache[it["key"]]) for it in items]
     return _cot_report(recs, report)

@@ -262,17 +262,13 @@ def _mc_loglik(todo, model, tokenizer, template, batch_size, cache, bar):
 
 
 def _mc_generate(todo, model, tokenizer, template, gen_args, batch_size, cache, bar):
-    from utils.generation import generate_batch, generation_kwargs
+    from utils.generation import generate_missing, generation_kwargs
 
-    kwargs = generation_kwargs(gen_args, tokenizer, template)
-    prompts = {it["key"]: template.prompt_ids(tokenizer, it["msgs"]) for it in todo}
-    todo = sorted(todo, key=lambda it: len(prompts[it["key"]]))
-    for batch in batches(todo, batch_size):
-        texts = generate_batch(model, tokenizer, [prompts[it["key"]] for it in batch], kwargs)
-        for it, text in zip(batch, texts):
-            cache.put({"key": it["key"], "subject": it["subject"], "gold": it["row"]["answer"], "output": text,
-                       "options": "".join(it["row"]["options"])})
-        bar.update(len(batch))
+    for it in todo:
+        it["ids"] = template.prompt_ids(tokenizer, it["msgs"])
+    generate_missing(todo, cache, model, tokenizer, generation_kwargs(gen_args, tokenizer, template), batch_size,
+                     lambda it, text: {"subject": it["subject"], "gold": it["row"]["answer"], "output": text,
+                                       "options": "".join(it["row"]["options"])}, bar.update)
 
 
 def _acc(recs):
