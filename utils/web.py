@@ -94,6 +94,50 @@ def stream_chat(model, tokenizer, template, messages, gen_args, lock=None):
         stopped.set()
 
 
+def _controls(gr, gen_args, system):
+    """The right-hand column: system prompt and sampling controls, their starting values from the flags."""
+    system_box = gr.Textbox(value=system or "", label="System prompt", lines=3, elem_id="system",
+                            placeholder="(the template's default)")
+    do_sample = gr.Checkbox(value=gen_args.do_sample, label="do_sample (off: greedy decoding)")
+    temperature = gr.Slider(0.01, 2.0, value=max(gen_args.temperature, 0.01), step=0.01, label="temperature")
+    top_p = gr.Slider(0.01, 1.0, value=gen_args.top_p, step=0.01, label="top_p")
+    top_k = gr.Slider(0, 200, value=gen_args.top_k, step=1, label="top_k (0: off)")
+    max_new_tokens = gr.Slider(1, 2048, value=gen_args.max_new_tokens, step=1, label="max_new_tokens")
+    repetition_penalty = gr.Slider(1.0, 2.0, value=gen_args.repetition_penalty, step=0.01, label="repetition_penalty")
+    return [system_box, temperature, top_p, top_k, max_new_tokens, repetition_penalty, do_sample]
+
+
+def add_user(text, history):
+    history = list(history or [])
+    if text and text.strip():
+        history.append({"role": "user", "content": text.strip()})
+    return "", history
+
+
+def _responder(gr, model, tokenizer, template, gen_args, lock):
+    """The streaming reply handler: the history grows by the assistant's partial answer, token by token."""
+    def respond(history, system_prompt, temp, p, k, n_new, rep, sample):
+        history = list(history or [])
+        if not history or history[-1].get("role") != "user":
+            yield history
+            return
+        args = dataclasses.replace(gen_args, temperature=float(temp), top_p=float(p), top_k=int(k),
+                                   max_new_tokens=int(n_new), repetition_penalty=float(rep),
+                                   do_sample=bool(sample), num_beams=1)  # beam search cannot stream
+        messages = to_messages(history, system_prompt)
+        history.append({"role": "assistant", "content": ""})
+        try:
+            for partial in stream_chat(model, tokenizer, template, messages, args, lock):
+                history[-1] = {"role": "assistant", "content": partial}
+                yield history
+        except Exception as exc:
+            raise gr.Error(f"generation failed: {exc}") from exc
+        if not history[-1]["content"]:
+            gr.Warning("The model returned an empty reply (only whitespace or special tokens).")
+
+    return respond
+
+
 def build_demo(model, tokenizer, template, info, gen_args=None, system=None, title="Alpaca-CoT chat"):
     """The chat app: gr.Blocks with a chatbot, a message box, Send / Clear, a system prompt and sampling."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # private by default: no usage statistics
@@ -102,8 +146,7 @@ def build_demo(model, tokenizer, template, info, gen_args=None, system=None, tit
     from utils.args import GenerationArguments
 
     gen_args = gen_args or GenerationArguments()
-    lock = threading.Lock()
-
+    respond = _responder(gr, model, tokenizer, template, gen_args, threading.Lock())
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
         gr.Markdown(model_line(info), elem_id="model-info")
@@ -117,48 +160,10 @@ def build_demo(model, tokenizer, template, info, gen_args=None, system=None, tit
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("Clear", elem_id="clear")
             with gr.Column(scale=1, min_width=260):
-                system_box = gr.Textbox(value=system or "", label="System prompt", lines=3, elem_id="system",
-                                        placeholder="(the template's default)")
-                do_sample = gr.Checkbox(value=gen_args.do_sample, label="do_sample (off: greedy decoding)")
-                temperature = gr.Slider(0.01, 2.0, value=max(gen_args.temperature, 0.01), step=0.01,
-                                        label="temperature")
-                top_p = gr.Slider(0.01, 1.0, value=gen_args.top_p, step=0.01, label="top_p")
-                top_k = gr.Slider(0, 200, value=gen_args.top_k, step=1, label="top_k (0: off)")
-                max_new_tokens = gr.Slider(1, 2048, value=gen_args.max_new_tokens, step=1, label="max_new_tokens")
-                repetition_penalty = gr.Slider(1.0, 2.0, value=gen_args.repetition_penalty, step=0.01,
-                                               label="repetition_penalty")
-        controls = [system_box, temperature, top_p, top_k, max_new_tokens, repetition_penalty, do_sample]
-
-        def add_user(text, history):
-            history = list(history or [])
-            if text and text.strip():
-                history.append({"role": "user", "content": text.strip()})
-            return "", history
-
-        def respond(history, system_prompt, temp, p, k, n_new, rep, sample):
-            history = list(history or [])
-            if not history or history[-1].get("role") != "user":
-                yield history
-                return
-            args = dataclasses.replace(gen_args, temperature=float(temp), top_p=float(p), top_k=int(k),
-                                       max_new_tokens=int(n_new), repetition_penalty=float(rep),
-                                       do_sample=bool(sample), num_beams=1)  # beam search cannot stream
-            messages = to_messages(history, system_prompt)
-            history.append({"role": "assistant", "content": ""})
-            try:
-                for partial in stream_chat(model, tokenizer, template, messages, args, lock):
-                    history[-1] = {"role": "assistant", "content": partial}
-                    yield history
-            except Exception as exc:
-                raise gr.Error(f"generation failed: {exc}") from exc
-            if not history[-1]["content"]:
-                gr.Warning("The model returned an empty reply (only whitespace or special tokens).")
-
-        events = []
-        for trigger in (message.submit, send.click):
-            event = trigger(add_user, [message, chatbot], [message, chatbot], queue=False).then(
-                respond, [chatbot, *controls], chatbot, concurrency_limit=1, concurrency_id="generate")
-            events.append(event)
+                controls = _controls(gr, gen_args, system)
+        events = [trigger(add_user, [message, chatbot], [message, chatbot], queue=False).then(
+                  respond, [chatbot, *controls], chatbot, concurrency_limit=1, concurrency_id="generate")
+                  for trigger in (message.submit, send.click)]
         clear.click(lambda: ("", []), None, [message, chatbot], cancels=events)
     demo.queue(default_concurrency_limit=1)
     return demo
