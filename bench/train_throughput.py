@@ -85,7 +85,8 @@ def heldout_loss(model, rows, pad_token_id, batch_size=8):
             assert logits.dtype == torch.float32, logits.dtype
             target = batch["labels"][:, 1:]
             keep = target != -100
-            total += torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep],
+                                                       reduction="sum").item()
             count += int(keep.sum())
     return total / count
 
@@ -110,8 +111,9 @@ def worker(system, spec_path, out_path):
         argv = ["--model_name_or_path", spec["model"], "--data", *spec["data"], "--val_set_size", str(spec["heldout"]),
                 "--cutoff_len", str(spec["cutoff_len"]), "--per_gpu_train_batch_size", str(spec["batch"]),
                 "--learning_rate", str(spec["lr"]), "--epochs", "1", "--seed", str(spec["seed"]),
-                "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj",
-                "--output_dir", out_dir, "--save_steps", "1000000", "--logging_steps", "1000000", *spec.get("ours_flags", [])]
+                "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+                "--lora_target_modules", "q_proj", "v_proj", "--output_dir", out_dir,
+                "--save_steps", "1000000", "--logging_steps", "1000000", *spec.get("ours_flags", [])]
         run = build_run(*parse_finetune_args(argv))
         assert sum(len(x) for x in run.train["input_ids"]) == tokens  # the very same rows as the other systems
         trainer = run.trainer
@@ -208,7 +210,8 @@ def summarize(results, best_name):
     rows = {}
     for name, rs in by.items():
         rows[name] = {"tokens_per_s": mean([r["tokens_per_s"] for r in rs]), "wall_s": mean([r["wall_s"] for r in rs]),
-                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "heldout_loss": mean([r["heldout_loss"] for r in rs]),
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                      "heldout_loss": mean([r["heldout_loss"] for r in rs]),
                       "steps": rs[0]["steps"], "runs": len(rs), "tokens": rs[0]["tokens"],
                       "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rs]}
     return rows
@@ -262,7 +265,8 @@ def main(argv=None):
     import transformers
 
     print(f"bench: model {model}; data {' '.join(data)}; cutoff {a.cutoff_len}; batch {a.batch}; lr {a.lr}; LoRA r=8 "
-          f"q_proj/v_proj; 1 epoch; {rounds} round(s); torch {torch.__version__}, transformers {transformers.__version__}"
+          f"q_proj/v_proj; 1 epoch; {rounds} round(s); torch {torch.__version__}, transformers "
+          f"{transformers.__version__}"
           + (f", trl {__import__('trl').__version__}" if have_trl else ""))
     results = []
 
@@ -291,15 +295,18 @@ def main(argv=None):
     for name, r in rows.items():
         tag = " (= trl_best)" if name == best else (f" (not a trl_best candidate: {NOT_BEST[name]})" if name in NOT_BEST
                                                       else "")
-        print(f"{name:26s} tokens/s {r['tokens_per_s']:7.1f}  wall {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-              f"held-out loss {r['heldout_loss']:.4f}  steps {r['steps']}  runs {r['runs']} {r['all_tokens_per_s']}{tag}")
+        print(f"{name:26s} tokens/s {r['tokens_per_s']:7.1f}  wall {r['wall_s']:6.1f} s  peak RSS "
+              f"{r['peak_rss_mb']:6.0f} MB  "
+              f"held-out loss {r['heldout_loss']:.4f}  steps {r['steps']}  runs {r['runs']} "
+              f"{r['all_tokens_per_s']}{tag}")
     if "ours" in rows and "trl_default" in rows:
         o, d = rows["ours"], rows["trl_default"]
         print(f"held-out loss ours/trl = {o['heldout_loss'] / d['heldout_loss']:.4f}; peak RSS ours/trl = "
               f"{o['peak_rss_mb'] / d['peak_rss_mb']:.2f}")
         if best:
             b = rows[best]
-            print(f"held-out loss ours/trl_best = {o['heldout_loss'] / b['heldout_loss']:.4f}; peak RSS ours/trl_best = "
+            print(f"held-out loss ours/trl_best = {o['heldout_loss'] / b['heldout_loss']:.4f}; peak RSS ours/trl_best "
+                  f"= "
                   f"{o['peak_rss_mb'] / b['peak_rss_mb']:.2f}  (trl_best = {best})")
         if "trl_bf16_our_attention" in rows:
             ref = rows["trl_bf16_our_attention"]["tokens_per_s"]

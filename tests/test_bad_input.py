@@ -97,7 +97,8 @@ CASES = [
      "--micro_batch_size 3 must be auto or a positive divisor"),
     ("4 and 8 bit", "uniform_finetune", ["--load_in_4bit", "--load_in_8bit"], "exclude each other"),
     ("unknown flag", "uniform_finetune", ["---model_type", "llama"], "did you mean '--model_type'?"),
-    ("deepspeed file", "uniform_finetune", ["--deepspeed", "{d}/missing.json"], "--deepspeed {d}/missing.json does not"),
+    ("deepspeed file", "uniform_finetune", ["--deepspeed", "{d}/missing.json"], "--deepspeed {d}/missing.json does "
+                                                                                "not"),
     ("template", "uniform_finetune", ["--model_name_or_path", "{tiny}", "--template", "nosuch", "--dry_run"],
      "unknown --template 'nosuch'"),
     ("output_dir file", "uniform_finetune", ["--model_name_or_path", "{tiny}", "--output_dir", "{d}/a_file"],
@@ -112,7 +113,8 @@ CASES = [
     ("empty file", "uniform_finetune", ["--data", "{d}/empty.json"], "{d}/empty.json is empty"),
     ("blank jsonl", "uniform_finetune", ["--data", "{d}/blank.jsonl"], "{d}/blank.jsonl is empty"),
     ("truncated json", "uniform_finetune", ["--data", "{d}/truncated.json"], "{d}/truncated.json is not valid JSON"),
-    ("bad jsonl line", "uniform_finetune", ["--data", "{d}/badline.jsonl"], "{d}/badline.jsonl line 2 is not valid JSON"),
+    ("bad jsonl line", "uniform_finetune", ["--data", "{d}/badline.jsonl"], "{d}/badline.jsonl line 2 is not valid "
+                                                                            "JSON"),
     ("not gzip", "uniform_finetune", ["--data", "{d}/notgzip.json.gz"], "is not a readable gzip file"),
     ("truncated gzip", "uniform_finetune", ["--data", "{d}/truncated.json.gz"], "truncated or damaged"),
     ("not parquet", "uniform_finetune", ["--data", "{d}/notparquet.parquet"], "is not a readable Parquet file"),

@@ -109,7 +109,8 @@ def test_messages_format_labels(tokenizer, tmp_path):
 # Hand-written chat templates of other families' shapes (turn markers are special tokens, as in the real ones).
 OTHER_TEMPLATES = {
     "header-style": ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
-                     "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                     "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' "
+                     "}}{% endfor %}{% if add_generation_prompt %}"
                      "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
                      ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     "turn-style": ("{{ '<bos>' }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
@@ -325,7 +326,8 @@ def test_bad_data_values(value, message):
 
 def test_hub_file_offline_gives_a_clear_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="is not available here: QingyiSi/Alpaca-CoT/x.json is not in the local hub cache"):
+    with pytest.raises(UserError, match="is not available here: QingyiSi/Alpaca-CoT/x.json is not in the local hub "
+                                        "cache"):
         data_lib._registry_source("x", {"hub": {"repo": "QingyiSi/Alpaca-CoT", "file": "x.json"}}, None, None)
 
 

@@ -94,7 +94,8 @@ def test_user_task_directory(tiny_llama_dir, tmp_path):
     (["--lm_eval_tasks", "cmmlu_local", "--data_dir", CMMLU, "--split", "dev", "--shots", 5],
      r"^--shots 5: subject '\w+' has only 4 example\(s\) for shots"),
     (["--data_dir", CMMLU], r"^--task lm_eval needs --lm_eval_tasks"),
-    (["--lm_eval_tasks", "x", "--lm_eval_include", "/no/such/dir"], r"^--lm_eval_include /no/such/dir is not a directory"),
+    (["--lm_eval_tasks", "x", "--lm_eval_include", "/no/such/dir"], r"^--lm_eval_include /no/such/dir is not a "
+                                                                    r"directory"),
 ])
 def test_user_errors_come_before_any_model_load(argv, message, tmp_path, monkeypatch):
     _no_model_load(monkeypatch)

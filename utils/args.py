@@ -64,7 +64,8 @@ class DataArguments:
         metadata={"help": "One or more SOURCE[@FORMAT][:N] values: dataset or mix names from data/registry.yaml, "
                           "files (.json .jsonl .csv .parquet .json.gz), directories or hub dataset ids; :N samples "
                           "N rows (:0.3 a fraction). Default: the bundled arith_sample."})
-    cutoff_len: int = field(default=256, metadata={"min": 8, "example": 256, "help": "Maximum tokens per training example."})
+    cutoff_len: int = field(
+        default=256, metadata={"min": 8, "example": 256, "help": "Maximum tokens per training example."})
     val_set_size: float = field(
         default=0, metadata={"min": 0, "help": "Held-out rows for validation: a count (>= 1) or a fraction (< 1)."})
     template: Optional[str] = field(
@@ -100,23 +101,30 @@ class DataArguments:
 class PeftArguments:
     peft_type: str = field(
         default="lora", metadata={"help": f"Parameter-efficient method: one of {', '.join(PEFT_TYPES)}."})
-    lora_r: Optional[int] = field(default=None, metadata={"min": 1, "example": 8, "help": "LoRA rank (preset default: 8)."})
-    lora_alpha: Optional[float] = field(default=None, metadata={"gt": 0, "example": 16, "help": "LoRA alpha (preset default: 16)."})
-    lora_dropout: Optional[float] = field(default=None, metadata={"min": 0, "lt": 1, "example": 0.05, "help": "LoRA dropout (preset default: 0.05)."})
+    lora_r: Optional[int] = field(
+        default=None, metadata={"min": 1, "example": 8, "help": "LoRA rank (preset default: 8)."})
+    lora_alpha: Optional[float] = field(
+        default=None, metadata={"gt": 0, "example": 16, "help": "LoRA alpha (preset default: 16)."})
+    lora_dropout: Optional[float] = field(
+        default=None, metadata={"min": 0, "lt": 1, "example": 0.05, "help": "LoRA dropout (preset default: 0.05)."})
     lora_target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Module names to adapt (LoRA family, IA3, bottleneck adapters). "
                                         "Default: the model type's targets."})
     num_virtual_tokens: Optional[int] = field(
-        default=None, metadata={"min": 1, "example": 20, "help": "Virtual tokens of prefix / p_tuning / prompt (preset default: 20)."})
+        default=None, metadata={"min": 1, "example": 20, "help": "Virtual tokens of prefix / p_tuning / prompt "
+                                                                 "(preset default: 20)."})
     bottleneck_size: Optional[int] = field(
-        default=None, metadata={"min": 1, "example": 64, "help": "Hidden size of sadapter_h / sadapter_p / p_adapter (preset default: 64)."})
+        default=None, metadata={"min": 1, "example": 64, "help": "Hidden size of sadapter_h / sadapter_p / p_adapter "
+                                                                 "(preset default: 64)."})
     adapter_non_linearity: Optional[str] = field(
         default=None, metadata={"help": "Bottleneck activation: relu, gelu, silu or tanh."})
-    adapter_dropout: Optional[float] = field(default=None, metadata={"min": 0, "lt": 1, "example": 0.1, "help": "Dropout inside bottleneck adapters."})
+    adapter_dropout: Optional[float] = field(
+        default=None, metadata={"min": 0, "lt": 1, "example": 0.1, "help": "Dropout inside bottleneck adapters."})
     adapter_scaling: Optional[str] = field(
         default=None, metadata={"help": "Bottleneck output scale: a number, or 'learned' for a trained scalar."})
     num_trainable_layers: Optional[int] = field(
-        default=None, metadata={"min": 1, "example": 2, "help": "freeze: train only the last N transformer layers (preset default: 2)."})
+        default=None, metadata={"min": 1, "example": 2, "help": "freeze: train only the last N transformer layers "
+                                                                "(preset default: 2)."})
     peft_options: Optional[list[str]] = field(
         default=None, metadata={"help": "Any other setting of the method's config as key=value "
                                         "(e.g. init_r=16 tinit=0.2 for adalora)."})
@@ -127,23 +135,31 @@ class TrainArguments:
     output_dir: Optional[str] = field(
         default=None, metadata={"help": "Where the adapter, metadata, plot and metrics go. "
                                         "Default: saved_models/<model_type>_<peft_type>."})
-    per_gpu_train_batch_size: int = field(default=4, metadata={"min": 1, "example": 4, "help": "Batch size per device."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1, "example": 4, "help": "Batches per optimizer step."})
+    per_gpu_train_batch_size: int = field(
+        default=4, metadata={"min": 1, "example": 4, "help": "Batch size per device."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"min": 1, "example": 4, "help": "Batches per optimizer step."})
     micro_batch_size: str = field(
         default="auto",
         metadata={"help": "Samples per forward/backward pass: a batch runs as passes of this many samples whose "
                           "gradients add up to the whole batch's (same loss, same steps, less activation memory). "
                           "auto: on CPU, halve the batch while it is even and over 4; on GPU, the whole batch."})
-    learning_rate: float = field(default=3e-4, metadata={"gt": 0, "max": 10, "example": "3e-4", "help": "Peak learning rate."})
+    learning_rate: float = field(
+        default=3e-4, metadata={"gt": 0, "max": 10, "example": "3e-4", "help": "Peak learning rate."})
     epochs: float = field(default=3, metadata={"help": "Training epochs (ignored when --max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"min": -1, "example": 100, "help": "Stop after this many optimizer steps (-1: use --epochs)."})
+    max_steps: int = field(
+        default=-1, metadata={"min": -1, "example": 100, "help": "Stop after this many optimizer steps (-1: use "
+                                                                 "--epochs)."})
     warmup_steps: int = field(default=0, metadata={"min": 0, "example": 10, "help": "Linear warm-up steps."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "HF scheduler name (linear, cosine, constant, ...)."})
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "HF scheduler name (linear, cosine, constant, ...)."})
     weight_decay: float = field(default=0.0, metadata={"min": 0, "example": 0.01, "help": "AdamW weight decay."})
     logging_steps: int = field(default=10, metadata={"min": 1, "example": 10, "help": "Log the loss every N steps."})
-    save_steps: int = field(default=200, metadata={"min": 1, "example": 200, "help": "Save a checkpoint every N steps."})
+    save_steps: int = field(
+        default=200, metadata={"min": 1, "example": 200, "help": "Save a checkpoint every N steps."})
     save_total_limit: int = field(default=3, metadata={"min": 1, "example": 3, "help": "Keep at most N checkpoints."})
-    eval_steps: Optional[int] = field(default=None, metadata={"min": 1, "example": 100, "help": "Evaluate every N steps (default: --save_steps)."})
+    eval_steps: Optional[int] = field(
+        default=None, metadata={"min": 1, "example": 100, "help": "Evaluate every N steps (default: --save_steps)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
     bf16: str = field(
         default="auto",
@@ -159,8 +175,8 @@ class TrainArguments:
                                                              "when no API key is set) or all.",
                                                      "choices": ["none", "tensorboard", "wandb", "all"]})
     deepspeed: Optional[str] = field(
-        default=None, metadata={"help": "DeepSpeed JSON config (e.g. configs/ds_zero2.json); needs the deepspeed "
-                                        "package and GPUs."})
+        default=None, metadata={"help": "DeepSpeed JSON config (e.g. configs/ds_zero2.json) for a torchrun launch; "
+                                        "needs the deepspeed package (requirements-dist.txt); GPUs or CPU processes."})
     fsdp: bool = field(default=False, metadata={"help": "Shard the model with FSDP (settings in --fsdp_config)."})
     fsdp_config: Optional[str] = field(
         default=None, metadata={"help": "FSDP JSON config (e.g. configs/fsdp.json); giving it turns --fsdp on."})
@@ -172,13 +188,16 @@ class TrainArguments:
                                  "choices": ["sft", "dpo", "orpo", "kto", "simpo"]})
     beta: Optional[float] = field(
         default=None, metadata={"gt": 0, "help": "dpo / kto / simpo: the preference temperature beta; orpo: the weight "
-                                                 "lambda of its odds-ratio term (defaults from the papers: dpo 0.1, kto "
+                                                 "lambda of its odds-ratio term (defaults from the papers: dpo 0.1, "
+                                                 "kto "
                                                  "0.1, orpo 0.1, simpo 2.0)."})
     loss_type: Optional[str] = field(
-        default=None, metadata={"help": "dpo: TRL's DPO loss variant (sigmoid = DPO, ipo, hinge, robust, ...); kto: kto "
+        default=None, metadata={"help": "dpo: TRL's DPO loss variant (sigmoid = DPO, ipo, hinge, robust, ...); kto: "
+                                        "kto "
                                         "or apo_zero_unpaired (default: the stage's own loss)."})
     ref_free: bool = field(
-        default=False, metadata={"help": "dpo: reference-free (the margin is the policy's alone; no reference forward)."})
+        default=False, metadata={"help": "dpo: reference-free (the margin is the policy's alone; no reference "
+                                         "forward)."})
     ref_adapter: Optional[str] = field(
         default=None, metadata={"help": "dpo / kto: start from this SFT adapter (a run directory); it is also the "
                                         "reference model."})
@@ -212,11 +231,14 @@ class GenerationArguments:
     max_new_tokens: int = field(default=256, metadata={"min": 1, "example": 256, "help": "Maximum tokens to generate."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=1.0, metadata={"gt": 0, "example": 0.7, "help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1, "example": 0.9, "help": "Nucleus sampling threshold."})
+    top_p: float = field(
+        default=1.0, metadata={"gt": 0, "max": 1, "example": 0.9, "help": "Nucleus sampling threshold."})
     top_k: int = field(default=50, metadata={"min": 0, "example": 50, "help": "Top-k sampling."})
     num_beams: int = field(default=1, metadata={"min": 1, "example": 4, "help": "Beam search width."})
-    repetition_penalty: float = field(default=1.0, metadata={"gt": 0, "example": 1.1, "help": "Penalty for repeated tokens."})
-    no_repeat_ngram_size: int = field(default=0, metadata={"min": 0, "example": 6, "help": "Forbid repeating n-grams of this size."})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"gt": 0, "example": 1.1, "help": "Penalty for repeated tokens."})
+    no_repeat_ngram_size: int = field(
+        default=0, metadata={"min": 0, "example": 6, "help": "Forbid repeating n-grams of this size."})
 
 
 @dataclass
@@ -230,8 +252,10 @@ class InferArguments:
     template: Optional[str] = field(default=None, metadata={"help": "Template for a base model without "
                                                                      "--lora_dir (default: the model type's)."})
     data: Optional[list[str]] = field(
-        default=None, metadata={"help": "Alpaca-CoT's `generate.py --data D --model_type T`: without --lora_dir, load the "
-                                        "newest run under saved_models/ that `uniform_finetune.py --model_type T --data D` "
+        default=None, metadata={"help": "Alpaca-CoT's `generate.py --data D --model_type T`: without --lora_dir, load "
+                                        "the "
+                                        "newest run under saved_models/ that `uniform_finetune.py --model_type T "
+                                        "--data D` "
                                         "wrote (it says which)."})
 
 
@@ -255,7 +279,9 @@ class ServeArguments:
         default=None, metadata={"help": "One or more adapter directories to serve; server.py takes several trained "
                                         "on one base, NAME=DIR sets the model id (default: the directory's name)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind (default: this machine only)."})
-    port: int = field(default=8000, metadata={"min": 1, "max": 65535, "example": 8000, "help": "TCP port (web.py uses 7860 unless --port is given)."})
+    port: int = field(
+        default=8000, metadata={"min": 1, "max": 65535, "example": 8000, "help": "TCP port (web.py uses 7860 unless "
+                                                                                 "--port is given)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "Require this bearer token (server.py)."})
     served_name: Optional[str] = field(
         default=None, metadata={"help": "Model id of the base model (server.py; default: its alias or hub id, or "
@@ -264,7 +290,8 @@ class ServeArguments:
         default=None, metadata={"help": "Chat template of the base model (server.py; default: the model type's); "
                                         "adapters always use the template they were trained with."})
     max_queue: int = field(
-        default=64, metadata={"min": 1, "example": 64, "help": "Requests that may wait for the generation worker, which answers one at a "
+        default=64, metadata={"min": 1, "example": 64, "help": "Requests that may wait for the generation worker, "
+                                                               "which answers one at a "
                                       "time; more get HTTP 503 (server.py)."})
 
 
@@ -452,7 +479,8 @@ def parse_merge_args(argv=None):
 def parse_predict_args(argv=None):
     model, predict, gen = parse((ModelArguments, PredictArguments, GenerationArguments), argv, "predict.py")
     if not predict.data or not predict.result_dir:
-        raise UserError("predict.py needs --data (a dataset name or file) and --result_dir (where to write predictions)")
+        raise UserError("predict.py needs --data (a dataset name or file) and --result_dir (where to write "
+                        "predictions)")
     return model, predict, gen
 
 

@@ -242,7 +242,8 @@ def default_targets(model, config):
     sites = [config.parallel_site] if config.style == "parallel" else list(config.sites or [])
     if names is None or any(s not in names for s in sites):
         raise UserError(f"bottleneck adapters have no default target modules for model type '{model_type}'; "
-                        f"pass target_modules explicitly with the names of the modules to wrap, such as o_proj and down_proj")
+                        f"pass target_modules explicitly with the names of the modules to wrap, such as o_proj and "
+                        f"down_proj")
     return [names[s] for s in sites]
 
 

@@ -58,7 +58,8 @@ def run_eval(model_args, eval_args, gen_args, quiet=False):
     start = time.time()
     results = module.run(EvalContext(handle, eval_args, gen_args, _flags_of(module, eval_args), out_dir))
     results = {"task": eval_args.task, "model": handle.describe(), **results,
-               "settings": {k: v for k, v in asdict(eval_args).items() if v is not None and not k.startswith("judge_api")},
+               "settings": {k: v for k, v in asdict(eval_args).items()
+                            if v is not None and not k.startswith("judge_api")},
                "generation": asdict(gen_args), "runtime_s": round(time.time() - start, 2)}
     out_json = Path(eval_args.output) if eval_args.output else out_dir / f"{result_name(eval_args)}.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)

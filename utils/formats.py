@@ -31,7 +31,8 @@ CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # CJK ideographs
 COT_TEMPLATES = [
     ("{question}{options}\nLet's think step by step.", "{rationale}\nTherefore, the final answer is {answer}."),
     ("Question: {question}{options}\nThink it through first, then answer.", "{rationale} So the answer is {answer}."),
-    ("{question}{options}\nExplain your reasoning before giving the answer.", "Reasoning: {rationale}\nAnswer: {answer}."),
+    ("{question}{options}\nExplain your reasoning before giving the answer.", "Reasoning: {rationale}\nAnswer: "
+                                                                              "{answer}."),
     ("Answer the following question with a short chain of reasoning.\n{question}{options}",
      "{rationale}\nThe final answer: {answer}."),
 ]

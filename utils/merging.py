@@ -32,7 +32,8 @@ def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_co
     model, tokenizer, template, info = load_for_inference(lora_dir, model_name_or_path, dtype="float32",
                                                           trust_remote_code=trust_remote_code, keep_quantization=False)
     check_size(getattr(model_args, "size", None), info)
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # full/freeze: weights already in
+    # full / freeze: the trained weights are already in the model
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copyfile(Path(lora_dir) / TEMPLATE_FILE, out / TEMPLATE_FILE)

