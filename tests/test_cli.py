@@ -1,14 +1,14 @@
 """Every script answers --help; unknown flags and bad config keys exit 2 with one clear sentence."""
 import pytest
 
-from conftest import run_script
+from conftest import run_inprocess, run_script
 
 SCRIPTS = ["uniform_finetune.py", "generate.py", "merge.py", "predict.py", "server.py", "web.py", "evaluate.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script):
-    res = run_script(script, "--help", timeout=120)
+    res = run_script(script, "--help")
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout and "--model_name_or_path" in res.stdout
 
@@ -24,25 +24,25 @@ def test_finetune_help_lists_seed_flags():
 
 def test_unknown_flag_is_an_error():
     # The seed's README itself has this typo; Alpaca-CoT silently ignored it.
-    res = run_script("uniform_finetune.py", "---model_type", "llama")
+    res = run_inprocess("uniform_finetune.py", "---model_type", "llama")
     assert res.returncode == 2
     assert res.stderr.strip() == "error: unknown argument '---model_type'; did you mean '--model_type'?"
 
 
 def test_abbreviated_flag_is_not_accepted():
-    res = run_script("uniform_finetune.py", "--lora_targ", "q_proj", "--dry_run")
+    res = run_inprocess("uniform_finetune.py", "--lora_targ", "q_proj", "--dry_run")
     assert res.returncode == 2
     assert "unknown argument '--lora_targ'" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_bad_value_is_one_line():
-    res = run_script("uniform_finetune.py", "--lora_r", "eight")
+    res = run_inprocess("uniform_finetune.py", "--lora_r", "eight")
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "invalid int value: 'eight'" in res.stderr
 
 
 def test_unknown_model_type_lists_valid_ones():
-    res = run_script("uniform_finetune.py", "--model_type", "gpt5", "--dry_run")
+    res = run_inprocess("uniform_finetune.py", "--model_type", "gpt5", "--dry_run")
     assert res.returncode == 2
     assert "unknown --model_type 'gpt5'; valid types are:" in res.stderr and "llama" in res.stderr
 
@@ -62,7 +62,7 @@ def test_config_file_and_override(tmp_path):
 def test_config_unknown_key(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("lora_rank: 4\n")
-    res = run_script("uniform_finetune.py", cfg)
+    res = run_inprocess("uniform_finetune.py", cfg)
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: config file {cfg} has an unknown key 'lora_rank'; did you mean 'lora_r'?"
 

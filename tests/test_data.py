@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_script
+from conftest import ROOT, SHARED_DATA, run_inprocess, run_script
 from utils import data as data_lib
 from utils.errors import UserError
 from utils.formats import add_cot_prompt, convert_row
@@ -301,7 +301,7 @@ def test_render_masked_marks_trained_span(tokenizer):
 def test_bad_files_give_one_clear_sentence(tmp_path, content, message):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
-    res = run_script("uniform_finetune.py", "--data", bad, "--dry_run")
+    res = run_inprocess("uniform_finetune.py", "--data", bad, "--dry_run")
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert message.format(path=bad) in res.stderr and str(bad) in res.stderr

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_script, start_server, stop_server
+from conftest import ROOT, SHARED_DATA, run_inprocess, run_script, start_server, stop_server
 from utils.evals.scoring import (answers_match, extract_choice, extract_final_answer, letter_set, mc_correct,
                               parse_judge_score, parse_number)
 
@@ -365,9 +365,9 @@ def test_loss_equals_the_training_loss_of_a_row(tiny_llama_dir, gsm_file, tmp_pa
 
 
 def test_evaluate_needs_a_task_and_its_data():
-    res = run_script("evaluate.py", "--task", "mc", timeout=120)
+    res = run_inprocess("evaluate.py", "--task", "mc")
     assert res.returncode == 2 and res.stderr.startswith("error: --task mc needs --data_dir")
-    res = run_script("evaluate.py", timeout=120)
+    res = run_inprocess("evaluate.py")
     assert res.returncode == 2 and "needs --task" in res.stderr
 
 

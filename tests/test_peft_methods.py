@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_inprocess, run_script
 from utils.errors import UserError
 from utils.peft_methods import PEFT_TYPES
 
@@ -230,7 +230,7 @@ def test_merge_equals_adapter(trained, name, tmp_path):
      "--gradient_checkpointing cannot be used with --peft_type prefix: transformers drops the attention cache"),
 ])
 def test_impossible_combinations_fail_before_loading(argv, message):
-    res = run_script("uniform_finetune.py", *argv, "--model_name_or_path", "/nonexistent/model")
+    res = run_inprocess("uniform_finetune.py", *argv, "--model_name_or_path", "/nonexistent/model")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert message in res.stderr  # the model path does not exist: the check ran before any loading
 

@@ -120,9 +120,9 @@ def test_latest_checkpoint_picks_complete_ones(tmp_path):
 
 
 def test_bad_resume_path_is_one_sentence(tmp_path):
-    from conftest import run_script
+    from conftest import run_inprocess
 
-    res = run_script("uniform_finetune.py", "--resume_from_checkpoint", tmp_path, "--max_steps", "1",
+    res = run_inprocess("uniform_finetune.py", "--resume_from_checkpoint", tmp_path, "--max_steps", "1",
                      "--data", "arith_sample:8", "--output_dir", tmp_path / "o")
     assert res.returncode == 2
     assert "is not a complete checkpoint directory" in res.stderr and "Traceback" not in res.stderr
@@ -179,11 +179,11 @@ def test_fsdp_config_is_accepted_by_training_arguments(tmp_path):
 def test_deepspeed_without_the_package_is_one_sentence(tmp_path):
     import importlib.util
 
-    from conftest import run_script
+    from conftest import run_inprocess
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here")
-    res = run_script("uniform_finetune.py", "--deepspeed", ROOT / "configs" / "ds_zero2.json", "--max_steps", "1",
+    res = run_inprocess("uniform_finetune.py", "--deepspeed", ROOT / "configs" / "ds_zero2.json", "--max_steps", "1",
                      "--data", "arith_sample:8", "--output_dir", tmp_path / "o", "--model_name_or_path", "/nonexistent")
     assert res.returncode == 2 and "Traceback" not in res.stderr  # refused before the (missing) model is looked at
     assert "--deepspeed needs the deepspeed package" in res.stderr
