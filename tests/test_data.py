@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_inprocess, run_script
+from conftest import ROOT, SHARED_DATA, run_inprocess
 from utils import data as data_lib
 from utils.errors import UserError
 from utils.formats import add_cot_prompt, convert_row
