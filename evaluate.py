@@ -6,6 +6,10 @@ held-out loss; or a whole study grid.
     python evaluate.py --task belle --data ../shared/data/belle_eval/eval_set_dev.jsonl \
         --judge_base_url http://127.0.0.1:8000/v1 --judge_model gpt-4o-mini
     python evaluate.py --task loss --data my_heldout.json --lora_dir saved_models/demo
+    python evaluate.py --task pairwise --lora_dir saved_models/demo --pairwise_base --data belle_eval.jsonl \
+        --judge_base_url http://127.0.0.1:8000/v1 --judge_model judge
+    python evaluate.py --task mt_bench --data ../shared/data/mt_bench/question.jsonl --lora_dir saved_models/demo \
+        --judge_base_url https://api.openai.com/v1 --judge_model gpt-4o-mini
     python evaluate.py --study study/example.yaml
 Results go to OUTPUT_DIR/<task>.json and .md; per-item results are cached, so a rerun resumes or costs nothing.
 """

@@ -8,6 +8,8 @@ A task module defines
     check(eval_args, flags, gen_args)  raise UserError for bad flags before any model loads (optional)
     run(ctx) -> dict            the results: {"metrics": {...}, "table": "<markdown>", ...}; ctx is EvalContext
     result_name(eval_args)      the results file's stem (optional; default NAME)
+    HEADLINE = "pass@1"         the study table's column(s): a results["metrics"] key or a tuple of keys (the first
+                                is plotted); or headline(results) -> {column: value}
 evaluate.py's flags, the study runner and README's tables read TASKS.
 """
 import importlib

@@ -11,6 +11,7 @@ from utils.evals.scoring import parse_judge_score
 NAME = "belle"
 ORDER = 3
 SUMMARY = "Belle-eval with an LLM judge (--data, --judge_base_url, --judge_model)"
+HEADLINE = "score"  # the study table's column and plotted metric (a results["metrics"] key)
 
 
 @dataclass

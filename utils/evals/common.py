@@ -72,6 +72,32 @@ class ModelHandle:
             self._loaded = load_from_args(self.model_args, self.eval_args.lora_dir, self.eval_args.template)
         return self._loaded
 
+    def release(self):
+        """Free the model (another system is loaded next); its tokenizer stays for tokenizer()."""
+        import gc
+
+        if self._loaded is not None:
+            self._tokenizer = self._loaded[1]
+            self._loaded = None
+            gc.collect()
+
+    def tokenizer(self):
+        """The evaluated model's tokenizer; only the tokenizer is loaded when the model is not needed."""
+        if self._loaded is not None:
+            return self._loaded[1]
+        if getattr(self, "_tokenizer", None) is None:
+            from utils.models import load_tokenizer, resolve_model
+            from utils.run_dir import read_meta
+
+            m, lora_dir = self.model_args, self.eval_args.lora_dir
+            if lora_dir:
+                trust = m.trust_remote_code or bool(read_meta(lora_dir).get("trust_remote_code"))
+                self._tokenizer = load_tokenizer(lora_dir, trust)
+            else:
+                path, _, _ = resolve_model(m.model_name_or_path, m.model_type, m.trust_remote_code)
+                self._tokenizer = load_tokenizer(path, m.trust_remote_code)
+        return self._tokenizer
+
     def identity(self):
         """What the results depend on: base, adapter (path and weights' size/time), template, dtype."""
         from utils.models import EMBEDDED_ALIAS

@@ -9,6 +9,7 @@ from utils.formats import split_conversation
 NAME = "cot"
 ORDER = 2
 SUMMARY = "answer extraction on CoT / GSM8K data (--data)"
+HEADLINE = ("accuracy", "parsable_rate")  # the study table's columns; the first is plotted
 
 
 def check(eval_args, flags, gen_args=None):

@@ -37,9 +37,10 @@ class Judge:
         self.client = OpenAIClient(base_url, model, api_key, timeout=timeout, max_retries=max_retries,
                                    sampling={"temperature": 0, "max_tokens": max_tokens})
 
-    def __call__(self, content):
+    def __call__(self, content, system=None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         try:
-            text, _ = self.client.chat([{"role": "user", "content": content}])
+            text, _ = self.client.chat(messages)
             return text
         except RequestFailed as exc:
             raise UserError(f"the judge at {self.base_url} (model '{self.model}') failed: {exc}; check "

@@ -45,6 +45,15 @@ CHAT_MODES = ("template", "tokenizer", "none")
 PIP_LINE = "lm-eval>=0.4.13,<0.5"
 
 
+def headline(results):
+    """The study table's columns (the first is plotted): the first metric of each requested task or group."""
+    metrics = results["metrics"]
+    names = (results.get("settings") or {}).get("lm_eval_tasks") or []
+    keys = [next((k for k in metrics if k.startswith(f"{n}/") and not k.endswith("/n")), None) for n in names]
+    keys = [k for k in keys if k] or [k for k in metrics if not k.endswith("/n")][:1]
+    return {k: metrics[k] for k in keys}
+
+
 @dataclass
 class Flags:
     lm_eval_tasks: Optional[list[str]] = field(

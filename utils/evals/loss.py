@@ -10,6 +10,7 @@ from utils.evals.common import (ItemCache, batches, conversation_items, digest, 
 NAME = "loss"
 ORDER = 4
 SUMMARY = "held-out loss and perplexity (--data)"
+HEADLINE = ("loss", "perplexity")  # the study table's columns; the first is plotted
 
 
 @dataclass

@@ -15,6 +15,7 @@ from utils.formats import CJK
 NAME = "mc"
 ORDER = 1
 SUMMARY = "multiple choice (CMMLU / MMCU / C-Eval / MMLU CSV layouts, --data_dir)"
+HEADLINE = "average"  # the study table's column(s) and plotted metric: results["metrics"] key(s)
 ROOT = Path(__file__).resolve().parents[2]
 GROUPS_FILE = ROOT / "data" / "cmmlu_groups.yaml"
 LETTERS = "ABCDEFGH"
