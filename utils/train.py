@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import data as data_lib
+from utils.distributed import check_distributed, full_weights
 from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
 from utils.peft_methods import (attach_adapter, capability, check_dtype, check_gradient_checkpointing,
@@ -319,7 +320,8 @@ def check_engines(train_args):
         if value and not Path(value).is_file():
             raise UserError(f"--{flag} {value} does not exist; pass a JSON config such as configs/ds_zero2.json")
     if train_args.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise UserError("--deepspeed needs the deepspeed package (and GPUs); run `pip install deepspeed` or drop it")
+        raise UserError("--deepspeed needs the deepspeed package; run `pip install -r requirements-dist.txt` "
+                        "or drop it")
 
 
 RESUME_LATEST = ("latest", "true", "last")
@@ -387,6 +389,7 @@ def build_run(model_args, data_args, peft_args, train_args):
     check_dtype(model_args.dtype)
     check_gradient_checkpointing(peft_args.peft_type, train_args.gradient_checkpointing)
     check_engines(train_args)
+    check_distributed(model_args, peft_args, train_args, quant_bits)
     decide_micro_batch(train_args.micro_batch_size, train_args.per_gpu_train_batch_size)
     path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
                                         model_args.trust_remote_code)
@@ -459,10 +462,13 @@ def finish_run(run, result, runtime):
     trainer, out = run.trainer, run.output_dir
     if run.val:
         eval_loss = trainer.evaluate()["eval_loss"]  # every rank takes part in evaluation
-    if not trainer.is_world_process_zero():
+    main = trainer.is_world_process_zero()
+    with full_weights(run.model):  # every rank: ZeRO-3 / FSDP shards are gathered collectively
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_adapter(run.model, out, run.meta["peft_type"])
+    if not main:
         return None
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(run.model, out, run.meta["peft_type"])
     run.tokenizer.save_pretrained(out)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {"train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,

@@ -2,7 +2,10 @@
 
 - Checkpoints are written into `OUTPUT/.staging/checkpoint-N` and renamed to `OUTPUT/checkpoint-N` only when
   complete (rename is atomic on one filesystem), so a run killed mid-save never leaves a checkpoint that
-  looks usable. Rotation (`--save_total_limit`) runs on the renamed ones.
+  looks usable. Rotation (`--save_total_limit`) runs on the renamed ones. Under DeepSpeed and FSDP every rank
+  writes its shards into the staging folder; rank 0 renames it once all of them are done (on a filesystem the
+  nodes share). A staging folder left by a killed run is cleared before it is written again.
+- Under --fsdp on CPU processes the Trainer gets the FSDP it was asked for (`utils.distributed.enable_fsdp_on_cpu`).
 - `latest_checkpoint(OUTPUT)` is the newest complete checkpoint; anything else is reported and ignored.
 - The progress bar shows useful (non-padding) tokens per second next to the step rate and ETA, and every
   logged loss carries `tokens_per_s`.
@@ -15,6 +18,10 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
+
+from utils.distributed import enable_fsdp_on_cpu, quiet_deepspeed_on_cpu
+
+quiet_deepspeed_on_cpu()  # before the Trainer imports DeepSpeed
 
 STAGING = ".staging"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -38,12 +45,20 @@ class ToolkitTrainer(Trainer):
             logs["tokens_per_s"] = round(self.throughput.rate(self.state), 1)
         return super().log(logs, *args, **kwargs)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # accelerate keeps --fsdp for accelerator devices; torch's FSDP2 runs over gloo too
+
     def _get_output_dir(self, trial=None):
         if getattr(self, "_staging", False):
             return os.path.join(self.args.output_dir, STAGING)
         return super()._get_output_dir(trial=trial)
 
     def _save_checkpoint(self, model, trial):
+        stale = Path(self.args.output_dir) / STAGING / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and stale.exists():  # half-written by a killed run: start it afresh
+            shutil.rmtree(stale)
+        _barrier()
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
