@@ -1,5 +1,8 @@
 """Fine-tuning: data -> model + adapter -> HF Trainer -> adapter dir with everything inference needs.
 
+`--stage sft` (the default) is instruction tuning here; `--stage dpo | orpo | kto | simpo` trains on preference
+data with TRL's trainers (utils/preference.py); both share the checks, the run directory and finish_run.
+
 The output directory holds the adapter, the tokenizer, `template.json` (the exact template used),
 `finetune_meta.json` (base model, model_type, peft_type, data, arguments, parameter counts), a loss
 curve (`loss.png`) and the final metrics (`metrics.json`).
@@ -64,7 +67,8 @@ def prepare_data(data_args, tokenizer, template, seed):
 def print_data_report(report, train, tokenizer):
     for s in report["sources"]:
         origin = f" from {s['origin']}" if s.get("origin") not in (None, s["source"]) else ""
-        print(f"data: {s['source']}{origin} ({s.get('format')}): {s['rows']} rows, {s['kept']} kept, {s['skipped']} skipped "
+        print(f"data: {s['source']}{origin} ({s.get('format')}): {s['rows']} rows, {s['kept']} kept, "
+              f"{s['skipped']} skipped "
               f"(no answer or broken turn order), {s['used']} used, {s['dropped_by_cutoff']} dropped (no answer "
               "token within --cutoff_len)")
     print(f"data: {report['train']} train / {report['val']} validation examples")
@@ -167,8 +171,9 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
 
     plan["packing"], why_packing = packing_check()
     coef = packing.attention_cost_per_position(config)
-    make_collator = lambda: (packing.PackingCollator(pad_token_id, data_args.cutoff_len, coef) if plan["packing"]
-                             else PadCollator(pad_token_id))
+    def make_collator():
+        return (packing.PackingCollator(pad_token_id, data_args.cutoff_len, coef) if plan["packing"]
+                                 else PadCollator(pad_token_id))
     plan["selective_loss"], why_selective = False, f"{peft_type} keeps the model's own loss"
     if capability(peft_type, "selective_loss"):
         plan["selective_loss"], why_selective = packing.check_selective_loss(model)
@@ -187,20 +192,23 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
         else:
             why_bf16 += f"; first-batch loss {bf16:.4f} vs {fp32:.4f} in fp32 ({100 * gap:.2f}% apart)"
     group = data_args.group_by_length
-    plan["group_by_length"] = bool(group) if group is not None else (not plan["packing"] and data_args.packing == "auto")
+    auto_group = not plan["packing"] and data_args.packing == "auto"
+    plan["group_by_length"] = bool(group) if group is not None else auto_group
     if plan["group_by_length"] and "length" not in train.column_names:
         import pyarrow.compute as pc
 
         train = train.add_column("length", pc.list_value_length(train.with_format("arrow")[:]["input_ids"]).to_pylist())
     notes.append(f"packing on (each batch's samples in rows of <= {data_args.cutoff_len} tokens, per-sample "
-                 f"position_ids; isolation checked: {why_packing})" if plan["packing"] else f"packing off ({why_packing})")
+                 f"position_ids; isolation checked: {why_packing})" if plan["packing"]
+                 else f"packing off ({why_packing})")
     if plan["group_by_length"]:
         notes.append("length-grouped batches")
     notes.append("logits only at trained positions" if plan["selective_loss"] else f"full logits ({why_selective})")
     notes.append(f"bf16 autocast {'on' if plan['bf16'] else 'off'} ({why_bf16})")
     if plan["bf16"] and plan["attention"] != "sdpa" and undo:
         notes.append(f"attention: {plan['attention']} while training (sdpa's bf16 CPU kernel is slower)")
-    plan["micro_batch"], why_micro = decide_micro_batch(train_args.micro_batch_size, train_args.per_gpu_train_batch_size,
+    plan["micro_batch"], why_micro = decide_micro_batch(train_args.micro_batch_size,
+                                                        train_args.per_gpu_train_batch_size,
                                                         torch.cuda.is_available())
     if plan["micro_batch"] < train_args.per_gpu_train_batch_size:
         notes.append(f"each batch of {train_args.per_gpu_train_batch_size} runs as passes of {plan['micro_batch']} "
@@ -236,11 +244,19 @@ def _report_to(name):
     return names
 
 
-def _training_arguments(train_args, output_dir, has_val, speed=None):
+def _training_arguments(train_args, output_dir, has_val, speed=None, config_class=None, stage_kwargs=None):
+    """TrainingArguments of a run; a preference stage passes its TRL config class and fields (beta, ...)."""
     import torch
     from transformers import TrainingArguments
 
-    extra = {}
+    config_class = config_class or TrainingArguments
+    extra = dict(stage_kwargs or {})
+    if config_class is not TrainingArguments:  # TRL configs default to bf16 and gradient checkpointing on
+        from dataclasses import fields
+
+        names = {f.name for f in fields(config_class)}  # transformers 5.2x: gradient_ -> activation_checkpointing
+        checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        extra.update({"bf16": bool(speed and speed.get("bf16")), checkpointing: train_args.gradient_checkpointing})
     if speed and speed.get("bf16"):
         extra["bf16"] = True  # autocast: fp32 weights, bf16 matmuls (on CPU through accelerate)
     if speed and speed.get("group_by_length"):
@@ -256,7 +272,7 @@ def _training_arguments(train_args, output_dir, has_val, speed=None):
     batch = train_args.per_gpu_train_batch_size
     micro = (speed or {}).get("micro_batch") or batch  # passes of `micro` samples, gradients summed over the batch
     try:
-        return TrainingArguments(
+        return config_class(
             output_dir=output_dir,
             per_device_train_batch_size=micro,
             per_device_eval_batch_size=micro,
@@ -376,14 +392,31 @@ class Run:
     meta: dict
     output_dir: Path
     resume: str = None  # the checkpoint to resume from, if any
+    before_save: object = None  # called with the Run before the adapter is saved (preference stages)
 
 
-def build_run(model_args, data_args, peft_args, train_args):
-    """Check the arguments, load data, model and method; return a Run (None for --dry_run / --list_data)."""
-    if data_args.list_data:
-        print(data_lib.registry_table(), end="")
-        return None
-    # Impossible combinations fail here, before anything is loaded.
+@dataclass
+class Setup:
+    """What every stage resolves before loading data: the checked method, model, tokenizer, template, output dir."""
+    model_args: object
+    path: Path
+    model_type: str
+    spec: object
+    output_dir: Path
+    tokenizer: object
+    template: object
+    quant_bits: int
+    method_params: dict
+    peft_type: str
+
+    def describe(self):
+        return (f"{self.model_args.model_name_or_path or EMBEDDED_ALIAS} ({self.model_type}) from {self.path}; "
+                f"template: {self.template.name}; peft: {self.peft_type}")
+
+
+def setup_run(model_args, data_args, peft_args, train_args, template=None):
+    """Impossible combinations fail here, before anything is loaded; then the tokenizer and the template
+    (`template` given: that one, e.g. the template of --ref_adapter's run)."""
     _, method_params = preset_params(peft_args)
     quant_bits = quantization_bits(model_args, peft_args)
     check_dtype(model_args.dtype)
@@ -396,12 +429,55 @@ def build_run(model_args, data_args, peft_args, train_args):
     spec = get_spec(model_type)
     output_dir = check_output_dir(train_args.output_dir, model_type, peft_args.peft_type)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
-    template = pick_template(data_args.template, spec.template, tokenizer, data_args.prompt_lang)
+    template = template or pick_template(data_args.template, spec.template, tokenizer, data_args.prompt_lang)
+    return Setup(model_args, path, model_type, spec, output_dir, tokenizer, template, quant_bits, method_params,
+                 peft_args.peft_type)
+
+
+def run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch, speed):
+    """finetune_meta.json of a run (every stage)."""
+    return {
+        "base_model": model_args.model_name_or_path or EMBEDDED_ALIAS,
+        "base_model_resolved": str(setup.path),
+        "model_type": setup.model_type,
+        "template": setup.template.name,
+        "peft_type": peft_args.peft_type,
+        "peft_params": setup.method_params,
+        "quant_bits": setup.quant_bits,
+        "data": data_args.data,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trust_remote_code": model_args.trust_remote_code,
+        "dtype": model_args.dtype,
+        "stage": train_args.stage,
+        "arguments": {**asdict(model_args), **asdict(data_args), **asdict(peft_args), **asdict(train_args)},
+        "data_report": report,
+        "global_batch": global_batch,
+        "world_size": world_size(),
+        "speed": speed,
+    }
+
+
+def build_run(model_args, data_args, peft_args, train_args):
+    """Check the arguments, load data, model and method; return a Run (None for --dry_run / --list_data)."""
+    if data_args.list_data:
+        print(data_lib.registry_table(), end="")
+        return None
+    if train_args.stage != "sft":  # dpo / orpo / kto / simpo: TRL's trainers on preference data
+        from utils.preference import build_preference_run
+
+        return build_preference_run(model_args, data_args, peft_args, train_args)
+    from utils.preference import check_sft_data, check_sft_flags
+
+    check_sft_flags(train_args)
+    check_sft_data(data_args.data)
+    setup = setup_run(model_args, data_args, peft_args, train_args)
+    path, spec, tokenizer, template = setup.path, setup.spec, setup.tokenizer, setup.template
+    output_dir, quant_bits = setup.output_dir, setup.quant_bits
     train, val, report = prepare_data(data_args, tokenizer, template, train_args.seed)
     main = is_main_process()  # under torchrun only rank 0 prints and writes files
     if main:
-        print(f"model: {model_args.model_name_or_path or EMBEDDED_ALIAS} ({model_type}) from {path}; "
-              f"template: {template.name}; peft: {peft_args.peft_type}")
+        print(f"model: {setup.describe()}")
         print_data_report(report, train, tokenizer)
     if data_args.dry_run:
         return None
@@ -434,25 +510,7 @@ def build_run(model_args, data_args, peft_args, train_args):
     trainer.selective, trainer.after_train = speed["selective_loss"], undo
     trainer.throughput = ThroughputCallback(trainer.callback_handler)
     trainer.add_callback(trainer.throughput)
-    meta = {
-        "base_model": model_args.model_name_or_path or EMBEDDED_ALIAS,
-        "base_model_resolved": str(path),
-        "model_type": model_type,
-        "template": template.name,
-        "peft_type": peft_args.peft_type,
-        "peft_params": method_params,
-        "quant_bits": quant_bits,
-        "data": data_args.data,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trust_remote_code": model_args.trust_remote_code,
-        "dtype": model_args.dtype,
-        "arguments": {**asdict(model_args), **asdict(data_args), **asdict(peft_args), **asdict(train_args)},
-        "data_report": report,
-        "global_batch": global_batch,
-        "world_size": world_size(),
-        "speed": speed,
-    }
+    meta = run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch, speed)
     return Run((model_args, data_args, peft_args, train_args), trainer, model, tokenizer, template, train, val,
                report, meta, output_dir, resume)
 
@@ -461,8 +519,11 @@ def finish_run(run, result, runtime):
     """Save adapter, tokenizer, template, metadata, metrics and the curves plot (rank 0 only)."""
     trainer, out = run.trainer, run.output_dir
     if run.val:
-        eval_loss = trainer.evaluate()["eval_loss"]  # every rank takes part in evaluation
+        evaluation = trainer.evaluate()  # every rank takes part in evaluation
+        eval_loss = evaluation["eval_loss"]
     main = trainer.is_world_process_zero()
+    if main and run.before_save is not None:
+        run.before_save(run)
     with full_weights(run.model):  # every rank: ZeRO-3 / FSDP shards are gathered collectively
         if main:
             out.mkdir(parents=True, exist_ok=True)
@@ -480,7 +541,12 @@ def finish_run(run, result, runtime):
                "trainable_params": run.meta["trainable_params"], "total_params": run.meta["total_params"]}
     if run.val:
         metrics["eval_loss"] = eval_loss
-        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
+        if run.meta.get("stage", "sft") == "sft":
+            metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
+    if run.meta.get("stage", "sft") != "sft":
+        from utils.preference import final_metrics
+
+        metrics.update(final_metrics(trainer.state.log_history, evaluation if run.val else None))
     write_run(out, run.meta, run.template, metrics, trainer.state.log_history)
     plot_curves(trainer.state.log_history, out / PLOT_FILE)
     print(f"saved adapter, template and metadata to {out}/; loss {metrics['first_logged_loss']} -> "
