@@ -25,11 +25,12 @@ pytest.importorskip("uvicorn")
 BASE_ID = "tiny-base"
 MODEL_IDS = [BASE_ID, "lora", "math", "sadapter"]  # base, lora (dir name), dora (NAME=DIR), sadapter_h
 ERROR_KEYS = {"message", "type", "param", "code"}
+HANG_GUARD = 300  # seconds: every timeout here guards against a hang, none is a speed check
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 def client(url, api_key="unused"):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=HANG_GUARD)
 
 
 def raw(url, path, body=None, method=None, headers=None):
@@ -38,7 +39,7 @@ def raw(url, path, body=None, method=None, headers=None):
     req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        with urllib.request.urlopen(req, timeout=HANG_GUARD) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -156,7 +157,7 @@ def test_streamed_chat_equals_non_streamed(url):
     req = urllib.request.Request(url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"model": "lora", "stream": True, "max_tokens": 4,
                                                   "messages": [{"role": "user", "content": "Hi"}]}).encode())
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with urllib.request.urlopen(req, timeout=HANG_GUARD) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [e for e in resp.read().decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -256,7 +257,7 @@ def test_concurrent_requests_equal_their_sequential_answers(url):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=180)
+        t.join(timeout=HANG_GUARD)
     assert not errors and not any(t.is_alive() for t in threads)
     assert results == expected
 
@@ -324,7 +325,7 @@ def test_script_binds_localhost_by_default(tiny_llama_dir):
                              "--port", str(port), "--max_new_tokens", "4"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, up = time.time() + 120, False
+        deadline, up = time.time() + HANG_GUARD, False
         while time.time() < deadline and proc.poll() is None and not up:
             try:
                 up = raw(f"http://127.0.0.1:{port}", "/health")[0] == 200
@@ -336,7 +337,7 @@ def test_script_binds_localhost_by_default(tiny_llama_dir):
     finally:
         proc.terminate()
         try:
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=HANG_GUARD)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
@@ -348,7 +349,7 @@ def test_port_in_use_is_one_sentence_and_exit_2(tiny_llama_dir):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        res = run_script("server.py", "--model_name_or_path", tiny_llama_dir, "--port", port, timeout=120)
+        res = run_script("server.py", "--model_name_or_path", tiny_llama_dir, "--port", port)
     assert res.returncode == 2
     assert res.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another "
                                   "--port or stop the program that uses it")
@@ -356,6 +357,368 @@ def test_port_in_use_is_one_sentence_and_exit_2(tiny_llama_dir):
 
 def test_server_module_imports_no_web_stack():
     code = "import sys, server; print(sorted(m for m in ('fastapi', 'uvicorn', 'torch') if m in sys.modules))"
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=HANG_GUARD)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+# ---- batching (utils/serving/batcher.py): driven step by step, no threads, no timing ----------------------
+def _job(entry, ids, gen, stop=None, seed=None, mode=None):
+    """A Job whose events land in job.got (and set job.done at its end) instead of going to an event loop."""
+    from utils.serving.engine import Job
+
+    class Collected(Job):
+        def put(self, kind, value):
+            self.got.append((kind, value))
+            if kind != "delta":
+                self.done.set()
+
+    job = Collected(entry, list(ids), gen, stop, seed, mode)
+    job.got, job.done = [], threading.Event()
+    return job
+
+
+def _end(job):
+    kinds = [k for k, _ in job.got if k != "delta"]
+    assert kinds == ["end"], job.got
+    return job.got[-1][1]
+
+
+def _streamed(job):
+    return "".join(v for k, v in job.got if k == "delta")
+
+
+def _alone(entry, ids, gen, stop=None, stream=False):
+    """What utils.generation.generate_ids answers for this one request ((text, reason, n), streamed pieces)."""
+    from utils.generation import generate_ids, generation_kwargs
+
+    pieces = []
+    out = generate_ids(entry.model, entry.tokenizer, ids, generation_kwargs(gen, entry.tokenizer, entry.template),
+                       stream=pieces.append if stream else None, stop=stop)
+    return out, "".join(pieces)
+
+
+def _ids(entry, text):
+    return entry.template.prompt_ids(entry.tokenizer, [{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def tiny_entry(tokenizer):
+    """A tiny random llama with untied embeddings and a wide init: unlike the tied fixture model, which repeats its
+    last token, it answers every prompt differently, so mixed-up rows would show."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from utils.serving.batcher import plan_for
+    from utils.serving.engine import Entry
+    from utils.templates import pick_template
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    entry = Entry("tiny", model, tokenizer, pick_template("vicuna", "vicuna", tokenizer), max_length=512)
+    entry.plan = plan_for(entry)
+    assert entry.plan.single is None and entry.plan.mode == "plain"
+    return entry
+
+
+PROMPTS = ["Hi", "What is 2 + 2?", "Name three colors of the rainbow, please, and say why the sky is blue.",
+           "Tell me a long story about a dragon who lived in the mountains, loved gold and feared the sea."]
+
+
+def test_batched_greedy_answers_equal_each_request_alone(tiny_entry):
+    """Prompts of four lengths (left padding), own max_tokens, repetition_penalty / no_repeat_ngram_size, a stop
+    string, streamed rows, and two requests that join the running batch three steps late (cache merge)."""
+    from utils.args import GenerationArguments
+    from utils.serving.batcher import Batcher
+
+    e = tiny_entry
+    gens = [GenerationArguments(max_new_tokens=6), GenerationArguments(max_new_tokens=12),
+            GenerationArguments(max_new_tokens=9, repetition_penalty=1.3),
+            GenerationArguments(max_new_tokens=16, no_repeat_ngram_size=2)]
+    ids = [_ids(e, p) for p in PROMPTS]
+    expected = [_alone(e, i, g)[0] for i, g in zip(ids, gens)]
+    words = [w for w in _alone(e, ids[1], GenerationArguments(max_new_tokens=16))[0][0].split() if len(w) >= 3]
+    stop = [words[len(words) // 2]]
+    (stop_text, stop_reason, _), _ = _alone(e, ids[1], GenerationArguments(max_new_tokens=16), stop)
+    (_, _, _), raw_pieces = _alone(e, ids[3], gens[1], stream=True)
+    jobs = [_job(e, i, g) for i, g in zip(ids, gens)]
+    jobs += [_job(e, ids[1], GenerationArguments(max_new_tokens=16), stop=stop),
+             _job(e, ids[3], gens[1], mode="raw"), _job(e, ids[2], gens[2], mode="strip")]
+    batcher = Batcher()
+    batcher.admit([jobs[i] for i in (0, 2, 4, 5)])
+    for _ in range(3):
+        batcher.step()
+    batcher.admit([jobs[i] for i in (1, 3, 6)])
+    assert batcher.size >= 6 and len(batcher.lanes) == 1  # (the stop-string row may have ended already)
+    while batcher.size:
+        batcher.step()
+    for job, want in zip(jobs, expected):
+        assert _end(job) == want, (job.ids, want)
+    assert _end(jobs[4])[:2] == (stop_text, stop_reason) and stop_reason == "stop"
+    assert _streamed(jobs[5]) == raw_pieces and _end(jobs[5])[0] == raw_pieces.strip()
+    assert _streamed(jobs[6]) == expected[2][0] and len([k for k, _ in jobs[6].got if k == "delta"]) >= 2
+    assert batcher.stats["widest"] >= 6 and batcher.lanes == {}  # one forward served them all; caches freed
+
+
+def test_sampling_rows_keep_their_own_seed_and_greedy_neighbours(tiny_entry):
+    from utils.args import GenerationArguments
+    from utils.serving.batcher import Batcher
+
+    e = tiny_entry
+    hot = GenerationArguments(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95, top_k=0)
+    greedy = GenerationArguments(max_new_tokens=10)
+    ids = _ids(e, PROMPTS[1])
+    jobs = [_job(e, ids, hot, seed=7), _job(e, _ids(e, PROMPTS[2]), greedy), _job(e, ids, hot, seed=7),
+            _job(e, ids, hot, seed=8)]
+    batcher = Batcher()
+    batcher.admit(jobs)
+    while batcher.size:
+        batcher.step()
+    assert _end(jobs[0]) == _end(jobs[2])  # the same seed in one batch: the same answer
+    assert _end(jobs[0]) != _end(jobs[3])  # another seed: another answer (temperature 1.5 over 49k tokens)
+    assert _end(jobs[1]) == _alone(e, _ids(e, PROMPTS[2]), greedy)[0]
+
+
+def test_cancelled_row_leaves_the_batch(tiny_entry):
+    from utils.args import GenerationArguments
+    from utils.serving.batcher import Batcher
+
+    e, gen = tiny_entry, GenerationArguments(max_new_tokens=12)
+    ids = [_ids(e, p) for p in PROMPTS[:3]]
+    jobs = [_job(e, i, gen) for i in ids]
+    batcher = Batcher()
+    batcher.admit(jobs)
+    batcher.step()
+    jobs[1].cancel.set()  # the client went away
+    batcher.step()
+    assert batcher.size == 2
+    while batcher.size:
+        batcher.step()
+    assert jobs[1].got == []
+    assert [_end(jobs[i]) for i in (0, 2)] == [_alone(e, ids[i], gen)[0] for i in (0, 2)]
+
+
+def test_mixed_adapters_in_one_batch_equal_single_requests(served):
+    """lora and the base share PEFT's mixed-adapter forward, dora (not allowed there) and sadapter_h (own model)
+    get lanes of their own; every answer equals the single-request path on the same loaded model."""
+    from utils.args import GenerationArguments
+    from utils.serving.batcher import Batcher
+
+    _, engine = served
+    gen = GenerationArguments(max_new_tokens=10)
+    plans = {m: engine.entries[m].plan for m in MODEL_IDS}
+    assert plans["lora"].key == plans[BASE_ID].key and plans["lora"].mode == "mixed"
+    assert plans["math"].mode == "switch" and plans["sadapter"].mode == "plain"
+    asks = [(m, f"What is {i} + {2 * i}?") for i, m in enumerate(MODEL_IDS + MODEL_IDS)]
+    jobs = [_job(engine.entries[m], _ids(engine.entries[m], q), gen) for m, q in asks]
+    expected = [engine.run(_job(j.entry, j.ids, gen)) for j in jobs]
+    assert len(set(t for t, _, _ in expected)) >= 3
+    batcher = Batcher()
+    batcher.admit(jobs[:4])
+    batcher.step()
+    batcher.admit(jobs[4:])
+    assert len(batcher.lanes) == 3 and batcher.size == 8
+    while batcher.size:
+        batcher.step()
+    assert [_end(j) for j in jobs] == expected
+
+
+def test_worker_batches_waiting_requests_and_survives_errors(tiny_entry, monkeypatch):
+    from utils.args import GenerationArguments
+    from utils.serving import batcher as batcher_module
+    from utils.serving.engine import Engine
+
+    gen = GenerationArguments(max_new_tokens=8)
+    engine = Engine([tiny_entry], "tiny", gen, max_queue=8, max_batch_size=4)
+    ids = [_ids(tiny_entry, p) for p in PROMPTS]
+    try:
+        real = batcher_module.forward
+        monkeypatch.setattr(batcher_module, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        failing = [_job(tiny_entry, i, gen) for i in ids]
+        for job in failing:  # all wait before the worker starts: it admits them as one batch
+            engine.jobs.put_nowait(job)
+        engine.start()
+        for job in failing:
+            assert job.done.wait(HANG_GUARD)
+            (kind, err), = job.got
+            assert kind == "error" and err.status == 500 and "boom" in err.message and err.type == "server_error"
+        monkeypatch.setattr(batcher_module, "forward", real)
+        jobs = [_job(tiny_entry, i, gen) for i in ids + ids[:2]]
+        for job in jobs[:4]:
+            engine.jobs.put_nowait(job)
+        for job in jobs[4:]:  # more than --max_batch_size: these wait for free rows
+            engine.submit(job)
+        for job in jobs:
+            assert job.done.wait(HANG_GUARD)
+        assert [_end(j) for j in jobs] == [_alone(tiny_entry, i, gen)[0] for i in ids + ids[:2]]
+        assert engine.stats["widest"] == 4 and engine.stats["failed"] == 1
+    finally:
+        engine.stop()
+
+
+def test_beam_search_and_prompt_learning_take_the_single_path(tiny_entry):
+    from dataclasses import replace
+
+    from utils.args import GenerationArguments
+    from utils.serving.batcher import plan_for
+    from utils.serving.engine import Engine
+
+    gen = GenerationArguments(max_new_tokens=6, num_beams=2)
+    engine = Engine([tiny_entry], "tiny", gen)
+    ids = _ids(tiny_entry, PROMPTS[1])
+    job = _job(tiny_entry, ids, gen)
+    try:
+        engine.submit(job)
+        assert job.done.wait(HANG_GUARD)
+        assert _end(job) == _alone(tiny_entry, ids, gen)[0] and engine.stats["single"] == 1
+    finally:
+        engine.stop()
+    assert plan_for(replace(tiny_entry, peft_type="prefix")).single == "prompt learning adapter"
+
+
+def test_sliding_window_models_take_the_single_path(tokenizer):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from utils.serving.batcher import plan_for
+    from utils.serving.engine import Entry
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    entry = Entry("sliding", AutoModelForCausalLM.from_config(config), tokenizer, None)
+    assert plan_for(entry).single == "sliding-window or hybrid cache"
+
+
+def test_batching_flags_are_checked():
+    from types import SimpleNamespace
+
+    from utils.args import ServeArguments, parse_serve_args
+    from utils.errors import UserError
+    from utils.serving.engine import batching_limits
+
+    assert batching_limits(ServeArguments()) == batching_limits(SimpleNamespace()) == (8, 10)  # the defaults
+    assert batching_limits(parse_serve_args(["--max_batch_size", "3", "--max_wait_ms", "2.5"])[1]) == (3, 2.5)
+    for flag, value, rule in [("--max_batch_size", "0", ">= 1"), ("--max_wait_ms", "-1", ">= 0")]:
+        with pytest.raises(UserError, match=rf"^{flag} must be {rule}, not {value}"):
+            parse_serve_args([flag, value])
+    assert batching_limits(SimpleNamespace(max_batch_size=16, max_wait_ms=0)) == (16, 0)
+    with pytest.raises(UserError, match=r"^--max_batch_size must be at least 1, not 0$"):
+        batching_limits(SimpleNamespace(max_batch_size=0))
+    with pytest.raises(UserError, match=r"^--max_wait_ms must be at least 0, not -1$"):
+        batching_limits(SimpleNamespace(max_wait_ms=-1))
+
+
+def test_throughput_bench_runs(adapters):
+    """bench/server_throughput.py end to end on the tiny model (a smoke run: 1 and 8 clients, a few requests)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "server_throughput.py"), "--lora_dir", str(adapters["lora"]),
+           "--levels", "1,8", "--n", "3", "--n_top", "8", "--rounds", "1", "--max_tokens", "4", "--models",
+           "adapter,base"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2 * HANG_GUARD,
+                         env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("| 1 | 3 | 0 |") for line in lines) and any(line.startswith("| 8 | 8 | 0 |")
+                                                                          for line in lines), res.stdout
+    assert "c8 answers equal to c1's: 3/3" in lines and lines[-1].startswith("server throughput c8/c1 = ")
+
+
+# ---- the worker behind HTTP: disconnects, a full queue, failures ------------------------------------------
+def _open_request(url, path, body):
+    """A POST sent on a socket of its own, left open (closing it is the client going away)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=HANG_GUARD)
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _wait_for(condition, what):
+    deadline = time.monotonic() + HANG_GUARD
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def gated(tiny_entry, monkeypatch):
+    """A server on the tiny model, one batch row, one queue place, whose decoding steps wait until `release` is set
+    or one of the step's requests is cancelled: what happens while a request runs does not depend on speed."""
+    from utils.args import GenerationArguments, ServeArguments
+    from utils.server import create_app
+    from utils.serving.batcher import Lane
+    from utils.serving.engine import Engine
+
+    real, release = Lane.decode, threading.Event()
+
+    def decode(lane):
+        deadline = time.monotonic() + HANG_GUARD
+        while not (release.is_set() or any(r.job.cancel.is_set() for r in lane.rows)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return real(lane)
+
+    monkeypatch.setattr(Lane, "decode", decode)
+    engine = Engine([tiny_entry], "tiny", GenerationArguments(max_new_tokens=24), max_queue=1, max_batch_size=1)
+    server, thread, url = start_server(create_app(ServeArguments(), engine=engine))
+    try:
+        yield url, engine, release
+    finally:
+        release.set()
+        stop_server(server, thread)
+        engine.stop()
+
+
+def test_disconnects_cancel_and_a_full_queue_answers_503(gated):
+    url, engine, release = gated
+    stats = engine.stats
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 24}
+    a = _open_request(url, "/v1/chat/completions", ask)  # not streamed
+    _wait_for(lambda: stats["prefills"] == 1, "the first request to run")
+    b = _open_request(url, "/v1/chat/completions", {**ask, "stream": True})
+    _wait_for(lambda: engine.jobs.qsize() == 1, "the second request to wait")
+    status, payload = raw(url, "/v1/chat/completions", ask)  # the batch row and the queue are taken
+    assert status == 503 and set(payload["error"]) == ERROR_KEYS and payload["error"]["code"] == "server_overloaded"
+    a.close()  # the non-streamed client goes away: its row leaves the batch, the waiting request runs
+    _wait_for(lambda: stats["cancelled"] == 1 and stats["prefills"] == 2, "the first request to be cancelled")
+    buf = b""
+    while b"data: " not in buf:
+        buf += b.recv(4096)
+    assert buf.startswith(b"HTTP/1.1 200")
+    d = _open_request(url, "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 24})
+    _wait_for(lambda: engine.jobs.qsize() == 1, "the third request to wait")
+    d.close()  # gone while it waits: the worker skips it
+    _wait_for(lambda: engine.jobs.queue[0].cancel.is_set(), "the waiting request to be cancelled")
+    b.close()  # the streamed client goes away
+    _wait_for(lambda: stats["cancelled"] == 3, "the other two requests to be cancelled")
+    assert stats["prefills"] == 2 and stats["steps"] <= 4  # neither cancelled request ran on
+    release.set()
+    res = client(url).completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0)
+    assert res.usage.completion_tokens >= 1 and stats["prefills"] == 3
+
+
+def test_a_failing_worker_answers_500_and_serves_on(gated, monkeypatch):
+    from utils.serving import batcher as batcher_module
+
+    url, engine, release = gated
+    release.set()
+    real = batcher_module.forward
+
+    def boom(plan, ids, *args):
+        if ids.shape[1] == 1:  # decoding steps fail, prefills work (the streamed request has started)
+            raise RuntimeError("boom")
+        return real(plan, ids, *args)
+
+    monkeypatch.setattr(batcher_module, "forward", boom)
+    c = client(url)
+    with pytest.raises(openai.InternalServerError) as err:
+        chat(c, "tiny", "Hi", max_tokens=8)
+    assert err.value.status_code == 500 and err.value.body["message"] == "generation failed (RuntimeError: boom)"
+    with pytest.raises(openai.APIError, match=r"^generation failed \(RuntimeError: boom\)$"):
+        list(chat(c, "tiny", "Hi", max_tokens=8, stream=True))
+    monkeypatch.setattr(batcher_module, "forward", real)
+    assert chat(c, "tiny", "Hi", max_tokens=8).usage.completion_tokens >= 1
+    assert engine.stats["failed"] == 2

@@ -290,9 +290,15 @@ class ServeArguments:
         default=None, metadata={"help": "Chat template of the base model (server.py; default: the model type's); "
                                         "adapters always use the template they were trained with."})
     max_queue: int = field(
-        default=64, metadata={"min": 1, "example": 64, "help": "Requests that may wait for the generation worker, "
-                                                               "which answers one at a "
-                                      "time; more get HTTP 503 (server.py)."})
+        default=64, metadata={"min": 1, "example": 64, "help": "Requests that may wait for a free row of the running "
+                                                               "batch; more get HTTP 503 (server.py)."})
+    max_batch_size: int = field(
+        default=8, metadata={"min": 1, "example": 8, "help": "Requests the generation worker decodes together, one "
+                                                             "token each per forward pass; waiting requests join "
+                                                             "between two steps (server.py)."})
+    max_wait_ms: float = field(
+        default=10, metadata={"min": 0, "example": 10, "help": "How long an idle worker lets its first request wait "
+                                                               "for companions before it starts (server.py)."})
 
 
 def _to_bool(value):
