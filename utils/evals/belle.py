@@ -28,7 +28,8 @@ def check(eval_args, flags, gen_args=None):
         raise UserError("--judge_base_url needs --judge_model (the judge's model name at that endpoint)")
 
 
-GENERIC_JUDGE_PROMPT = ("你需要通过参考标准答案，来对模型回答给出分数，满分为1分，最低分为0分。请按照\"得分:\"这样的形式输出分数。"
+GENERIC_JUDGE_PROMPT = ("你需要通过参考标准答案，来对模型回答给出分数，满分为1分，最低分为0分。"
+                        "请按照\"得分:\"这样的形式输出分数。"
                         "评价标准要求模型回答越接近标准答案分数越高。")
 
 
@@ -111,7 +112,8 @@ def run_belle(handle, eval_args, gen_args, out_dir):
     bar.close()
     answers = {r["key"]: cache[r["key"]]["answer"] for r in rows}
     if not eval_args.judge_base_url:
-        print("no --judge_base_url: answers generated and cached; pass --judge_base_url and --judge_model to score them")
+        print("no --judge_base_url: answers generated and cached; pass --judge_base_url and --judge_model to "
+              "score them")
         return {"metrics": {"n": len(rows), "judged": 0, "score": None}, "classes": {},
                 "table": "answers generated; no judge given\n"}
     prompts = load_judge_prompts(eval_args.judge_prompts or Path(first_file).parent / "eval_prompt.json")

@@ -71,7 +71,8 @@ def _cot_report(recs, report):
     per = {s: _cot_metrics(rs) for s, rs in sources.items()}
     metrics = _cot_metrics(recs)
     rows = [[s, m["n"], m["accuracy"], m["parsable_rate"], m["accuracy_of_parsable"]] for s, m in per.items()]
-    rows.append(["**all**", metrics["n"], metrics["accuracy"], metrics["parsable_rate"], metrics["accuracy_of_parsable"]])
+    rows.append(["**all**", metrics["n"], metrics["accuracy"], metrics["parsable_rate"],
+                 metrics["accuracy_of_parsable"]])
     samples = [{k: r[k] for k in ("source", "prompt", "output", "answer", "reference", "correct")} for r in recs[:5]]
     return {"metrics": metrics, "sources": per, "data": report, "samples": samples,
             "table": md_table(["source", "n", "accuracy", "parsable answers", "accuracy of parsable"], rows)}

@@ -466,7 +466,8 @@ def _cache_path(ctx):
 
 
 def run(ctx):
-    """Run the tasks through lm-eval's simple_evaluate; per-item records go to OUT_DIR/<result name>-samples/<task>.jsonl."""
+    """Run the tasks through lm-eval's simple_evaluate; per-item records go to
+    OUT_DIR/<result name>-samples/<task>.jsonl."""
     from lm_eval.evaluator import simple_evaluate
 
     eval_args, flags = ctx.eval_args, ctx.flags
@@ -550,7 +551,8 @@ def _metrics(res):
 
 
 def _table(rows):
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
     lines = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -51,7 +51,8 @@ def run_loss(handle, eval_args, gen_args, out_dir):
             logits = forward_logits(model, [it["ids"] for it in batch], tokenizer.pad_token_id)
             for b, it in enumerate(batch):
                 pos = [p for p in range(1, len(it["ids"])) if it["labels"][p] != -100]  # as training: shifted labels
-                nll = -sum(token_logprobs(logits[b], [p - 1 for p in pos], [it["labels"][p] for p in pos])) if pos else 0.0
+                targets = [it["labels"][p] for p in pos]
+                nll = -sum(token_logprobs(logits[b], [p - 1 for p in pos], targets)) if pos else 0.0
                 cache.put({"key": it["key"], "source": it["source"], "nll": nll, "tokens": len(pos)})
             bar.update(len(batch))
     bar.close()

@@ -113,7 +113,8 @@ def _mc_layout(eval_args):
     if eval_args.subjects:
         unknown = [s for s in eval_args.subjects if s not in test]
         if unknown:
-            raise UserError(f"--subjects: '{unknown[0]}' has no file in {root}; subjects are: {', '.join(sorted(test))}")
+            raise UserError(f"--subjects: '{unknown[0]}' has no file in {root}; subjects are: "
+                            f"{', '.join(sorted(test))}")
         test = {s: test[s] for s in eval_args.subjects}
     if not test:
         raise UserError(f"--data_dir {root} has no subject CSV files")
@@ -239,10 +240,12 @@ def _mc_loglik(todo, model, tokenizer, template, batch_size, cache, bar):
             scores = dict(zip(opts, token_logprobs(logits[b], [len(p) - 1] * len(opts), [letter_ids[k] for k in opts])))
             pred = max(scores, key=scores.get)
             cache.put({"key": it["key"], "subject": it["subject"], "gold": it["row"]["answer"], "pred": pred,
-                       "correct": mc_correct(pred, it["row"]["answer"]), "scores": {k: round(v, 4) for k, v in scores.items()}})
+                       "correct": mc_correct(pred, it["row"]["answer"]),
+                       "scores": {k: round(v, 4) for k, v in scores.items()}})
         bar.update(len(batch))
     for it in (it for it in todo if it["multi"]):
-        # multi-answer subject: every non-empty subset of the options is a candidate answer, scored by its log-likelihood
+        # multi-answer subject: every non-empty subset of the options is a candidate answer, scored by its
+        # log-likelihood
         opts = sorted(it["row"]["options"])
         cands = ["".join(c) for n in range(1, len(opts) + 1) for c in combinations(opts, n)]
         seqs, runs = [], []
@@ -255,7 +258,8 @@ def _mc_loglik(todo, model, tokenizer, template, batch_size, cache, bar):
             logits = forward_logits(model, seqs[start:start + batch_size], tokenizer.pad_token_id)
             for b in range(logits.shape[0]):
                 c = start + b
-                scores[cands[c]] = sum(token_logprobs(logits[b], [p - 1 for p in runs[c]], [seqs[c][p] for p in runs[c]]))
+                scores[cands[c]] = sum(token_logprobs(logits[b], [p - 1 for p in runs[c]],
+                                                      [seqs[c][p] for p in runs[c]]))
         pred = max(scores, key=scores.get)
         cache.put({"key": it["key"], "subject": it["subject"], "gold": it["row"]["answer"], "pred": pred,
                    "correct": mc_correct(pred, it["row"]["answer"])})
