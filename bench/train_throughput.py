@@ -1,6 +1,6 @@
 """Side-by-side training benchmark: our uniform_finetune path vs TRL's SFTTrainer, same work, same result.
 
-Run by hand, not in CI (TRL is not a dependency of the toolkit: `.venv/bin/pip install trl` first):
+Run by hand, not in CI (TRL comes with requirements.txt, for the preference stages):
 
     .venv/bin/python bench/train_throughput.py            # embedded SmolLM2-135M, real CoT data, ~15 min here
     .venv/bin/python bench/train_throughput.py --quick    # smoke run on a tiny random llama (about a minute)
@@ -13,9 +13,12 @@ linear schedule, seed and effective batch. Systems:
 - ours: `utils.train.build_run` + `trainer.train()` (exactly what uniform_finetune.py runs), default flags;
 - trl_default: `trl.SFTTrainer` with its defaults, precision forced to fp32 (bf16=False) as TRL users on a CPU
   without bf16 get it; TRL's other defaults stay (gradient checkpointing on);
-- trl_* variants (its best CPU settings, tried in round 1; the fastest is trl_best and is repeated): bf16 autocast
-  without gradient checkpointing, with plain padding, padding_free, packing (bfd; batch = packed rows chosen so a
-  step holds about as many samples as the others') or length-grouped batches. Also measured, but not trl_best
+- trl_* variants (its best CPU settings, tried in round 1; the fastest is trl_best and is repeated): fp32 without
+  gradient checkpointing, with plain padding, padding_free or length-grouped batches; on a CPU with native bf16
+  (AVX512-BF16 / AMX) also bf16 autocast without gradient checkpointing, with plain padding, padding_free, packing
+  (bfd; batch = packed rows chosen so a step holds about as many samples as the others') or length-grouped batches
+  (on a CPU without it bf16 is emulated and slow, so those are left out unless --systems names them). Also
+  measured, but not trl_best
   candidates: packing with 8 packed rows per step (a larger effective batch), and TRL with the fp32-under-autocast
   attention our path picks under bf16 on CPU (our code, not a TRL setting: shown to separate that gain).
 
@@ -38,6 +41,10 @@ COT = ROOT.parent / "shared" / "data" / "cot"
 
 TRL_VARIANTS = {  # name: SFTConfig overrides (on top of the common workload settings)
     "trl_default": {"bf16": False},
+    "trl_fp32": {"bf16": False, "gradient_checkpointing": False},
+    "trl_fp32_padding_free": {"bf16": False, "gradient_checkpointing": False, "padding_free": True, "max_length": None},
+    "trl_fp32_group_by_length": {"bf16": False, "gradient_checkpointing": False,
+                                 "train_sampling_strategy": "group_by_length"},
     "trl_bf16": {"bf16": True, "gradient_checkpointing": False},
     "trl_bf16_padding_free": {"bf16": True, "gradient_checkpointing": False, "padding_free": True,
                               "max_length": None},  # rows are already cut at --cutoff_len; TRL asks for None here
@@ -199,6 +206,12 @@ def quick_model(tmp):
     return str(path)
 
 
+def torch_cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def mean(xs):
     return sum(xs) / len(xs)
 
@@ -244,7 +257,13 @@ def main(argv=None):
     heldout = a.heldout or (8 if a.quick else 32)
     rounds = a.rounds or (1 if a.quick else 2)
     have_trl = importlib.util.find_spec("trl") is not None
-    systems = a.systems or (["ours", *TRL_VARIANTS] if have_trl else ["ours"])
+    from utils.peft_methods import cpu_has_bf16
+
+    native_bf16 = cpu_has_bf16() or torch_cuda()
+    default = [s for s in TRL_VARIANTS if native_bf16 or "bf16" not in s]
+    systems = a.systems or (["ours", *default] if have_trl else ["ours"])
+    if not native_bf16 and not a.systems:
+        print("note: no native bf16 on this CPU: TRL's bf16 settings are left out (emulated; name them with --systems)")
     if not have_trl and any(s != "ours" for s in systems):
         raise SystemExit("TRL is not installed: `.venv/bin/pip install trl` (it is not a dependency of the toolkit)")
     if not have_trl:
