@@ -61,22 +61,30 @@ def tokenizer(embedded_dir):
     return load_tokenizer(embedded_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, embedded_dir, tokenizer):
-    """A tiny random llama (2 layers, hidden 64) with the SmolLM2 tokenizer, saved to disk."""
+def tiny_llama(tokenizer, seed=0, **config):
+    """A tiny random llama (2 layers, hidden 64, tied embeddings unless config says otherwise) for `tokenizer`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**settings, **config}))
+
+
+def save_tiny_llama(path, tokenizer, seed=0, **config):
+    """tiny_llama(...) saved with the tokenizer into `path`; returns `path`."""
+    tiny_llama(tokenizer, seed, **config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, embedded_dir, tokenizer):
+    """A tiny random llama (2 layers, hidden 64) with the SmolLM2 tokenizer, saved to disk."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer)
 
 
 def sample_rows_file(tmp_path_factory, n):

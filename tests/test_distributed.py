@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, run_script, sample_rows_file
+from conftest import ROOT, run_script, sample_rows_file, save_tiny_llama
 
 STEPS, SAVE = 6, 3  # optimizer steps of the shared runs; a checkpoint every SAVE steps
 LOSS_TOL = 1e-5  # per-step logged loss, engine vs plain DDP
@@ -99,18 +99,7 @@ def _compare(ref, out, what, loss_tol, adapter_tol):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tokenizer):
     """A tiny random llama of our own (2 layers, hidden 64, tied embeddings) with the SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    path = tmp_path_factory.mktemp("dist_llama")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("dist_llama"), tokenizer, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_script, start_server, stop_server
+from conftest import ROOT, run_script, start_server, stop_server, tiny_llama
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -407,19 +407,11 @@ def _ids(entry, text):
 def tiny_entry(tokenizer):
     """A tiny random llama with untied embeddings and a wide init: unlike the tied fixture model, which repeats its
     last token, it answers every prompt differently, so mixed-up rows would show."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from utils.serving.batcher import plan_for
     from utils.serving.engine import Entry
     from utils.templates import pick_template
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama(tokenizer, tie_word_embeddings=False, initializer_range=0.1).eval()
     entry = Entry("tiny", model, tokenizer, pick_template("vicuna", "vicuna", tokenizer), max_length=512)
     entry.plan = plan_for(entry)
     assert entry.plan.single is None and entry.plan.mode == "plain"
