@@ -5,7 +5,7 @@ A --data value is `SOURCE[@FORMAT][:N]`:
   .jsonl.gz), a directory (every such file in it), or a hub dataset id (user/name);
 - @FORMAT: name the format instead of detecting it (see utils/formats.py);
 - :N takes N rows (a seeded random sample; more than the source has repeats rows), :0.25 a fraction.
-Conversion is cached on disk (datasets' Arrow cache, keyed by the files' size and mtime); so is
+Conversion is cached on disk (an Arrow file per source, keyed by the files' size and mtime); so is
 tokenization (keyed by the data, tokenizer, template and options).
 """
 import contextlib
@@ -214,9 +214,9 @@ class _Checked:
                             "whole file as UTF-8") from None
         raise UserError(f"{self.path} is truncated or damaged ({exc}); copy it again") from None
 
-    def read(self):
+    def read(self, size=-1):
         try:
-            return self.f.read()
+            return self.f.read(size)
         except (UnicodeDecodeError, EOFError, OSError) as exc:
             self._fail(exc)
 
@@ -277,6 +277,61 @@ def _iter_json_lines(path, lines, max_join=20):
         raise UserError(f"{path} line {start} is not valid JSON (the file ends inside a record); fix that line")
 
 
+_CHUNK = 1 << 20  # characters of a .json list read at a time
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _stream_json_list(path, f, buf):
+    """Yield the rows of a JSON list one at a time, holding about a chunk of the text (not the whole file and all
+    its parsed rows). Returns None when done, or the number of rows given when the text needs the repairs of
+    _loads (a bad escape) or is not valid JSON: the caller then parses the whole file as before, for the rest of
+    its rows or for its error. Raw control characters in strings are accepted here directly, as _loads does."""
+    decode = json.JSONDecoder(strict=False).raw_decode
+    ws = _JSON_WS.match
+    state = {"buf": buf, "pos": ws(buf).end() + 1, "eof": False, "grow": _CHUNK}  # pos: just past "["
+
+    def refill():  # keep the unread text, add the next chunk (larger each time the same row needs more)
+        chunk = f.read(state["grow"])
+        state.update(buf=state["buf"][state["pos"]:] + chunk, pos=0, eof=not chunk, grow=state["grow"] * 2)
+
+    n = 0
+    while True:  # at the start of a row (or of the "]" of an empty list)
+        buf, eof = state["buf"], state["eof"]
+        pos = state["pos"] = ws(buf, state["pos"]).end()
+        if pos == len(buf) and not eof:
+            refill()
+            continue
+        if n == 0 and buf.startswith("]", pos):
+            end = pos + 1
+            break
+        try:
+            row, end = decode(buf, pos)
+        except json.JSONDecodeError as exc:  # a row cut at the end of the chunk, else one _loads must repair
+            if not eof and (exc.msg.startswith("Unterminated string") or exc.pos >= len(buf) - 8):
+                refill()
+                continue
+            return n
+        after = ws(buf, end).end()
+        if not eof and (after == len(buf) or (type(row) in (int, float) and len(buf) - end < 32
+                                              and buf[after] not in ",]")):
+            refill()  # what follows the row is not here yet (or a number may go on)
+            continue
+        if after == len(buf) or buf[after] not in ",]":
+            return n
+        n += 1
+        yield f"{path} row {n}", row, None
+        state.update(pos=after + 1, grow=_CHUNK)
+        if buf[after] == "]":
+            end = after + 1
+            break
+    rest = state["buf"][end:]
+    while rest:  # nothing but whitespace may follow the list
+        if rest.strip(" \t\n\r"):
+            return n
+        rest = f.read(_CHUNK)
+    return None
+
+
 def iter_rows(path):
     """Yield (where, row, declared_format) for every row of a file; where names file and row/line."""
     name = path.name
@@ -285,24 +340,21 @@ def iter_rows(path):
             yield from _iter_json_lines(path, f)
     elif name.endswith((".json", ".json.gz")):
         with _open_text(path) as f:
-            text = f.read()
-        try:
-            data = _loads(text)
-        except json.JSONDecodeError as exc:
-            if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json
-                yield from _iter_json_lines(path, text.splitlines())
-                return
-            raise UserError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file or use .jsonl") from None
-        declared = None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            declared = data.get("format")  # a file may name its own format: {"format": ..., "data": [...]}
-            if declared is not None and declared not in FORMATS:
-                raise UserError(f"{path} names an unknown format '{declared}'; formats are: {', '.join(FORMATS)}")
-            data = data["data"]
-        if not isinstance(data, list):
-            raise UserError(f"{path} must hold a JSON list of rows (or be a .jsonl file with one row per line)")
-        for n, row in enumerate(data, 1):
-            yield f"{path} row {n}", row, declared
+            head = f.read(_CHUNK)
+            if head.lstrip(" \t\n\r").startswith("["):  # a list of rows: parsed one row at a time
+                done = yield from _stream_json_list(path, f, head)
+                if done is None:
+                    return
+                text = None
+            else:
+                done, text = 0, head + f.read()
+        if text is None:  # a list that needs _loads' repairs, or is broken: read whole; the rows given are skipped
+            with _open_text(path) as f:
+                text = f.read()
+        rows = _json_file_rows(path, text)
+        for _ in range(done):
+            next(rows, None)
+        yield from rows
     elif name.endswith(".csv"):
         with _open_text(path) as f:
             reader = csv.DictReader(f)
@@ -319,6 +371,28 @@ def iter_rows(path):
         yield from _parquet_rows(path)
     else:
         raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _json_file_rows(path, text):
+    """Rows of a whole .json text: a list, {"format": ..., "data": [...]}, or JSON lines saved as .json."""
+    try:
+        data = _loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json
+            yield from _iter_json_lines(path, text.splitlines())
+            return
+        raise UserError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file or use "
+                        ".jsonl") from None
+    declared = None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        declared = data.get("format")  # a file may name its own format: {"format": ..., "data": [...]}
+        if declared is not None and declared not in FORMATS:
+            raise UserError(f"{path} names an unknown format '{declared}'; formats are: {', '.join(FORMATS)}")
+        data = data["data"]
+    if not isinstance(data, list):
+        raise UserError(f"{path} must hold a JSON list of rows (or be a .jsonl file with one row per line)")
+    for n, row in enumerate(data, 1):
+        yield f"{path} row {n}", row, declared
 
 
 def _parquet_rows(path):
@@ -346,7 +420,8 @@ def _iter_hub(src):
         ds = datasets.load_dataset(src.hub_dataset, split="train")
     except Exception as exc:
         raise UserError(f"cannot load hub dataset '{src.hub_dataset}' ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:150]}); check the id, or download it where a network exists") from None
+                        f"{str(exc).splitlines()[0][:150]}); check the id, or download it where a network "
+                        "exists") from None
     for n, row in enumerate(ds, 1):
         yield f"{src.hub_dataset} row {n}", row, None
 
@@ -359,15 +434,30 @@ def _rows(paths, hub_dataset):
         yield from _iter_hub(Source(label=hub_dataset, hub_dataset=hub_dataset))
 
 
+PROGRESS_MIN_BYTES = 8 << 20  # files at least this large (~20,000 alpaca rows) show a conversion progress bar
+
+
+def _conversion_bar(paths):
+    """A rows/s progress bar (stderr) for converting large files; None for small ones."""
+    if sum(Path(p).stat().st_size for p in paths) < PROGRESS_MIN_BYTES:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="converting", unit=" rows", mininterval=1.0)
+
+
 def _generate(paths_json, hub_dataset, fmt, columns, unescape, for_training, stats_file):
     """Yield {"messages": [...]} per kept row; write the source's statistics when done."""
     paths = json.loads(paths_json)  # a string, not a list: datasets would shard a list over several calls
     stats = {"rows": 0, "skipped": 0, "format": fmt, "skipped_because": {}}
     kept = 0
+    bar = _conversion_bar(paths)
     for where, row, declared in _rows(paths, hub_dataset):
         if stats["format"] is None:
             stats["format"] = declared or detect_format(row, where)
         stats["rows"] += 1
+        if bar is not None and stats["rows"] % 1000 == 0:
+            bar.update(1000)
         msgs = convert_row(row, stats["format"], where, for_training, columns, index=stats["rows"] - 1,
                            unescape=unescape, skipped=stats["skipped_because"])
         if msgs is None:
@@ -375,6 +465,9 @@ def _generate(paths_json, hub_dataset, fmt, columns, unescape, for_training, sta
             continue
         kept += 1
         yield {"messages": msgs}
+    if bar is not None:
+        bar.update(stats["rows"] % 1000)
+        bar.close()
     name = ", ".join(paths) or hub_dataset
     if stats["rows"] == 0:
         raise UserError(f"{name} has no rows")
@@ -391,7 +484,8 @@ def _generate(paths_json, hub_dataset, fmt, columns, unescape, for_training, sta
 
 def _source_key(src, for_training):
     """Identity of a source's conversion: files (path, size, mtime), format and options."""
-    parts = [src.label, src.format, json.dumps(src.columns, sort_keys=True), src.unescape, for_training, src.hub_dataset]
+    parts = [src.label, src.format, json.dumps(src.columns, sort_keys=True), src.unescape, for_training,
+             src.hub_dataset, 2]  # 2: the cache's layout (one Arrow file per source)
     for p in src.paths:
         st = Path(p).stat()
         parts += [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
@@ -406,37 +500,59 @@ def _features():
                                                           "input": datasets.Value("string")})})
 
 
-def load_source(src, for_training=True):
-    """(Dataset of {"messages"}, stats) for one source; converted once, then read from datasets' cache."""
-    import datasets
+CONVERT_BATCH = 10_000  # converted rows written to Arrow at a time
 
+
+def load_source(src, for_training=True):
+    """(Dataset of {"messages"}, stats) for one source; converted once, then read from the Arrow cache.
+
+    The rows are converted as they are read and written to an Arrow file CONVERT_BATCH rows at a time (pyarrow
+    builds each batch in one call; memory holds one batch, not the file); later runs memory-map that file."""
     from utils.models import cache_dir
 
     key = _source_key(src, for_training)
     root = cache_dir() / "datasets"
     root.mkdir(parents=True, exist_ok=True)
     stats_file = root / f"stats-{key}.json"
-    kwargs = {"paths_json": json.dumps([str(p) for p in src.paths]), "hub_dataset": src.hub_dataset, "fmt": src.format,
-              "columns": src.columns, "unescape": src.unescape, "for_training": for_training,
-              "stats_file": str(stats_file)}
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.Dataset.from_generator(_generate, gen_kwargs=kwargs, features=_features(), cache_dir=str(root))
-    except ValueError as exc:
-        if "corresponds to no data" not in str(exc):
-            raise
-        raise UserError(f"{src.label} has no rows to use; check the file") from None
-    except datasets.exceptions.DatasetGenerationError as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise
-    finally:
-        datasets.enable_progress_bars()
+    arrow_file = root / f"conversations-{key}.arrow"
+    if not arrow_file.is_file():
+        _convert(dict(paths_json=json.dumps([str(p) for p in src.paths]), hub_dataset=src.hub_dataset,
+                      fmt=src.format, columns=src.columns, unescape=src.unescape, for_training=for_training,
+                      stats_file=str(stats_file)), arrow_file)
+    ds = _open_arrow(arrow_file, key)
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {"rows": len(ds), "skipped": 0}
     return ds, dict(stats, source=src.label, kept=len(ds), origin=src.origin or src.label)
+
+
+def _convert(gen_kwargs, arrow_file):
+    """Write _generate's rows to `arrow_file` (an Arrow stream with the datasets features in its schema), through
+    a temporary file renamed when complete: an interrupted conversion leaves no cache behind."""
+    import pyarrow as pa
+
+    schema = _features().arrow_schema
+    tmp = arrow_file.with_name(f"{arrow_file.name}.{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            batch = []
+            for example in _generate(**gen_kwargs):  # it writes the stats file when done
+                batch.append(example)
+                if len(batch) == CONVERT_BATCH:
+                    writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+                    batch = []
+            if batch:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+        os.replace(tmp, arrow_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_arrow(arrow_file, key):
+    """The memory-mapped Dataset of a conversion, fingerprinted by its source key (files, sizes, mtimes, options):
+    the tokenization cache of the same source is found again in the next run."""
+    import datasets
+    from datasets.table import MemoryMappedTable
+
+    return datasets.Dataset(MemoryMappedTable.from_file(str(arrow_file)), fingerprint=f"conversations-{key}")
 
 
 def _sample(ds, count, seed, label):
@@ -447,7 +563,10 @@ def _sample(ds, count, seed, label):
     if n == 0:
         raise UserError(f"--data {label}:{count} selects no rows out of {total}")
     rng = random.Random(seed)
-    idx = rng.sample(range(total), n) if n <= total else list(range(total)) * (n // total) + rng.sample(range(total), n % total)
+    if n <= total:
+        idx = rng.sample(range(total), n)
+    else:
+        idx = list(range(total)) * (n // total) + rng.sample(range(total), n % total)
     return ds.select(idx)  # more than the source has: whole copies plus a sample
 
 
@@ -474,39 +593,135 @@ def load_conversations(values, for_training=True, seed=42, cot_prompt=False):
 
 
 # ---- tokenization ---------------------------------------------------------------------------------
+# Inputs at least this large get a progress bar (rows/s) and, on a machine with several idle cores, one
+# tokenizing process per idle core (below it, starting the processes costs more than they save).
+PROGRESS_MIN_ROWS = 20_000
+PROCS_MIN_ROWS = 50_000
+MAX_PROCS = 8
+SHARD_SUFFIX = "_{rank:05d}_of_{num_proc:05d}"  # the cache file of each process's part: name_00000_of_00002.arrow
+
+
+def _cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _idle_cores():
+    """Cores not kept busy by other work: this process's cores less the 1-minute load average (which counts this
+    process too), at least 1."""
+    cores = _cores()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return cores
+    return max(1, min(cores, round(cores - load) + 1))
+
+
+def map_procs(rows):
+    """Processes for tokenizing `rows` examples: one per idle core (up to MAX_PROCS) for large inputs, else None
+    (one process, in which the fast tokenizer still spreads each batch over the cores). On a busy machine more
+    processes than idle cores would only share the same cores, and each costs its start and memory.
+    ALPACA_COT_NUM_PROC=N sets the number instead (1: always this one process)."""
+    forced = os.environ.get("ALPACA_COT_NUM_PROC", "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise UserError(f"ALPACA_COT_NUM_PROC={forced} is not a number of processes; set it to 1 or more, or "
+                            "unset it (one process per idle core)")
+        return int(forced) if int(forced) > 1 else None
+    procs = min(_idle_cores(), MAX_PROCS)
+    return procs if rows >= PROCS_MIN_ROWS and procs > 1 else None
+
+
+def _cached_layout(cache_file):
+    """(True, procs) when the tokenization is cached at `cache_file` as one file (procs None) or as the parts of
+    `procs` processes; (False, None) when it is not."""
+    if cache_file.is_file():
+        return True, None
+    for part in sorted(cache_file.parent.glob(f"{cache_file.stem}_00000_of_*{cache_file.suffix}")):
+        return True, int(part.stem.rsplit("_of_", 1)[1])
+    return False, None
+
+
+def _token_features():
+    import datasets
+
+    return datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                              "labels": datasets.List(datasets.Value("int32"))})
+
+
 def tokenize_dataset(ds, tokenizer, template, cutoff_len, train_on_inputs=False, cot_prompt=False):
-    """Map a {"messages"} Dataset to {"input_ids", "labels"}, cached; returns (dataset, dropped)."""
-    fingerprint = hashlib.sha256(repr((ds._fingerprint, tokenizer.name_or_path, len(tokenizer),
-                                       tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else "",
-                                       template.to_json(), cutoff_len, train_on_inputs, cot_prompt, 2)).encode()).hexdigest()[:16]
+    """Map a {"messages"} Dataset to {"input_ids", "labels"}, cached; returns (dataset, dropped).
+
+    Each batch of rows is encoded by template.encode_batch (the ids and labels of template.encode, one
+    tokenizer call per batch); large inputs are split over one process per idle core and show a progress bar.
+    A Dataset on disk (a converted source) keeps its tokenization beside it, found again by a later run however
+    many processes made it."""
+    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else ""
+    key = (ds._fingerprint, tokenizer.name_or_path, len(tokenizer), backend, template.to_json(), cutoff_len,
+           train_on_inputs, cot_prompt, 3)
+    fingerprint = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+    files, read = [c["filename"] for c in ds.cache_files], {}
 
     def encode(batch):
+        convs = [add_cot_prompt(m) for m in batch["messages"]] if cot_prompt else batch["messages"]
         out = {"input_ids": [], "labels": []}
-        for msgs in batch["messages"]:
-            if cot_prompt:
-                msgs = add_cot_prompt(msgs)
-            ids, labels = template.encode(tokenizer, msgs, train_on_inputs=train_on_inputs)
+        for ids, labels in template.encode_batch(tokenizer, convs, train_on_inputs=train_on_inputs):
             ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-            if any(l != -100 for l in labels):  # no answer token left: drop (counted by the caller)
+            if labels.count(-100) < len(labels):  # no answer token left: drop (counted by the caller)
                 out["input_ids"].append(ids)
                 out["labels"].append(labels)
+        if files:
+            _hand_back(read, files)
         return out
 
     import datasets
 
-    datasets.disable_progress_bars()
+    cache_file = (Path(ds.cache_files[0]["filename"]).parent / f"tokenized-{fingerprint}.arrow"
+                  if ds.cache_files else None)
+    cached, procs = _cached_layout(cache_file) if cache_file else (False, None)
+    if not cached:
+        procs = map_procs(len(ds))
+    if cached or len(ds) < PROGRESS_MIN_ROWS:
+        datasets.disable_progress_bars()
     try:
-        tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, new_fingerprint=fingerprint)
+        with _quiet_fork_warning(procs):
+            tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, new_fingerprint=fingerprint,
+                               features=_token_features(), num_proc=procs, desc="tokenizing",
+                               cache_file_name=str(cache_file) if cache_file else None, suffix_template=SHARD_SUFFIX)
     finally:
         datasets.enable_progress_bars()
+    _MappedFiles(files).release_all()
     return tokenized, len(ds) - len(tokenized)
+
+
+def _hand_back(read, files, every=16):
+    """Every `every` batches, hand back this process's mapped pages of the conversations it has read (each is
+    read once, in order): the memory of tokenizing stays the same however many rows there are."""
+    read["batches"] = read.get("batches", 0) + 1
+    if read["batches"] % every == 0:
+        _MappedFiles(files).release_all()  # the mappings as they are now (each tokenizing process has its own)
+
+
+@contextlib.contextmanager
+def _quiet_fork_warning(procs):
+    """Tokenizing processes are forked: the Rust tokenizer's threads are turned off in them (each process is one
+    core's worth of work) without its warning about having been forked."""
+    if not procs or "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def tokenize_conversations(convs, tokenizer, template, cutoff_len, train_on_inputs=False):
     """Tokenize; truncate to cutoff_len; drop (and count) examples left with no trained token."""
-    examples, dropped = [], 0
-    for msgs in convs:
-        ids, labels = template.encode(tokenizer, msgs, train_on_inputs=train_on_inputs)
+    examples, dropped, convs = [], 0, list(convs)
+    encoded = (e for i in range(0, len(convs), 1000)
+               for e in template.encode_batch(tokenizer, convs[i:i + 1000], train_on_inputs=train_on_inputs))
+    for ids, labels in encoded:
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if all(l == -100 for l in labels):
             dropped += 1
@@ -522,8 +737,12 @@ def split(examples, val_set_size, seed):
         raise UserError(f"--val_set_size {val_set_size} leaves no training rows out of {len(examples)}; lower it")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    if hasattr(examples, "select"):
-        return examples.select(order[n_val:]), examples.select(order[:n_val])
+    if hasattr(examples, "select"):  # fingerprinted by what makes the order (datasets would hash the whole order)
+        def key(part):
+            return hashlib.sha256(repr((examples._fingerprint, "split", len(examples), n_val, seed, part))
+                                  .encode()).hexdigest()[:16]
+        return (examples.select(order[n_val:], new_fingerprint=key("train")),
+                examples.select(order[:n_val], new_fingerprint=key("val")))
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
@@ -550,13 +769,93 @@ def render_masked(tokenizer, input_ids, labels, open_mark="⟦", close_mark="⟧
 
 
 def length_stats(examples):
-    ids = examples["input_ids"] if hasattr(examples, "column_names") else [e["input_ids"] for e in examples]
-    labels = examples["labels"] if hasattr(examples, "column_names") else [e["labels"] for e in examples]
-    lengths = sorted(len(i) for i in ids)
-    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]
-    trained = sum(sum(1 for l in lab if l != -100) for lab in labels)
-    return {"examples": len(lengths), "tokens": sum(lengths), "trained_tokens": trained,
-            "min": lengths[0], "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": lengths[-1]}
+    if hasattr(examples, "column_names"):  # a Dataset: counted on its Arrow columns, a batch at a time
+        lengths, trained = _arrow_length_stats(examples)
+    else:
+        lengths = sorted(len(e["input_ids"]) for e in examples)
+        trained = sum(sum(1 for l in e["labels"] if l != -100) for e in examples)
+    at = lambda i: int(lengths[i])  # noqa: E731
+    pct = lambda q: at(min(len(lengths) - 1, int(q * len(lengths))))  # noqa: E731
+    return {"examples": len(lengths), "tokens": int(sum(lengths)) if isinstance(lengths, list) else int(lengths.sum()),
+            "trained_tokens": int(trained), "min": at(0), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+            "max": at(-1)}
+
+
+def _arrow_length_stats(ds, window=20_000):
+    """(sorted lengths, trained tokens) of a tokenized Dataset, read from its Arrow labels column (offsets and
+    values: no Python lists, and input_ids is never touched), rows window by window; the Dataset's row
+    selection (a split) is applied to the per-row counts. The pages of the labels that this reads from the
+    Dataset's memory-mapped files are handed back window by window (_MappedFiles), so counting a million rows
+    does not leave their labels resident in this process."""
+    import numpy as np
+
+    mapped = _MappedFiles([c["filename"] for c in ds.cache_files])
+    lengths, trained = [], []
+    for chunk in ds.data.column("labels").chunks:
+        offsets = chunk.offsets.to_numpy()  # into chunk.values, which a sliced chunk does not slice
+        values = chunk.values
+        data, width = values.buffers()[1], values.type.bit_width // 8
+        for lo in range(0, len(chunk), window):
+            off = offsets[lo:lo + window + 1].astype(np.int64)
+            vals = values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False)
+            cum = np.concatenate(([0], np.cumsum(vals != -100, dtype=np.int64)))
+            lengths.append(np.diff(off))
+            trained.append(cum[off[1:] - off[0]] - cum[off[:-1] - off[0]])
+            del vals
+            if data is not None:
+                mapped.release(data.address + (values.offset + int(off[0])) * width, int(off[-1] - off[0]) * width)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    trained = np.concatenate(trained) if trained else np.zeros(0, dtype=np.int64)
+    if ds._indices is not None:  # a selection of the table's rows (split, sample)
+        rows = ds._indices.column(0).to_numpy()
+        lengths, trained = lengths[rows], trained[rows]
+    return np.sort(lengths), int(trained.sum())
+
+
+class _MappedFiles:
+    """Where this process maps the given files now (Linux: /proc/self/maps; elsewhere nothing is known or handed
+    back). Pages of such a read-only file mapping that are handed back (MADV_DONTNEED) keep their data in the file
+    and the page cache, and are read back from there if used again; they only stop counting in this process's
+    memory. Use it at once: a mapping freed later could leave its addresses to other memory."""
+
+    def __init__(self, files):
+        import mmap
+
+        want = {os.path.realpath(f) for f in files}
+        self.ranges, self.madvise, self.page = [], None, mmap.PAGESIZE
+        if not want or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split(None, 5)
+                    if len(fields) == 6 and fields[5].rstrip("\n") in want and not fields[1].startswith("rw"):
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((lo, hi))
+        except OSError:
+            return
+        if self.ranges:
+            import ctypes
+
+            madvise = ctypes.PyDLL(None).madvise  # called holding the GIL: no Python code frees a mapping meanwhile
+            madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            self.madvise, self.dontneed = madvise, mmap.MADV_DONTNEED
+
+    def release_all(self):
+        for start, end in self.ranges:
+            self.madvise(start, end - start, self.dontneed)
+
+    def release(self, address, size):
+        """Hand back the pages of [address, address + size) if it lies inside one of those mappings (the memory of
+        a live buffer of the Dataset); memory anywhere else is never touched."""
+        if self.madvise is None or size <= 0:
+            return
+        lo = address // self.page * self.page
+        hi = -(-(address + size) // self.page) * self.page
+        for start, end in self.ranges:
+            if start <= lo and hi <= end:
+                self.madvise(lo, hi - lo, self.dontneed)
+                return
 
 
 # ---- the registry listing -------------------------------------------------------------------------
@@ -590,7 +889,8 @@ def registry_table(available=True):
         rows.append(f"| `{name}` | {e.get('size', '?')} | {e.get('lang', '')} | {e.get('task', '')} | "
                     f"{e.get('gen', '')} | {e.get('format', 'detected')} | {where} |"
                     + (f" {availability(e)} |" if available else ""))
-    mix_rows = ["", "| mix | datasets |", "|---|---|"] + [f"| `{m}` | {', '.join(parts)} |" for m, parts in mixes.items()]
+    mix_rows = ["", "| mix | datasets |", "|---|---|"]
+    mix_rows += [f"| `{m}` | {', '.join(parts)} |" for m, parts in mixes.items()]
     return "\n".join(rows + (mix_rows if mixes else [])) + "\n"
 
 

@@ -11,6 +11,7 @@ The template used for training is written to `template.json` beside the adapter 
 inference script, so there is never a second copy to drift.
 """
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -18,7 +19,8 @@ from utils.errors import UserError
 
 ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                        "further context. Write a response that appropriately completes the request.")
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.")
 
 
 @dataclass
@@ -74,17 +76,25 @@ class Template:
             raise UserError(f"the chat template of '{self.name}' rejected this conversation ({exc}); "
                             "check the roles or pick another --template") from None
 
-    def _chat_segments(self, messages, add_generation_prompt, tokenizer):
+    def _with_default_system(self, messages):
+        if self.default_system and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.default_system}] + list(messages)
+        return messages
+
+    def _chat_segments(self, messages, add_generation_prompt, tokenizer, render=None):
+        """`render(messages, add_generation_prompt)` gives the template's text (default: `_render`, one call each;
+        encode_batch passes texts it rendered for many conversations at once)."""
         if tokenizer is None:
             raise ValueError("a chat template needs the tokenizer to render")
-        if self.default_system and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        if render is None:
+            render = lambda msgs, gen: self._render(tokenizer, msgs, gen)  # noqa: E731
+        messages = self._with_default_system(messages)
         segs, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(tokenizer, messages[:i], True)
-            full = self._render(tokenizer, messages[:i + 1], False)
+            prompt = render(messages[:i], True)
+            full = render(messages[:i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise UserError(f"the chat template of '{self.name}' rewrites earlier turns, so answers cannot "
                                 "be masked turn by turn; pick a format template with --template")
@@ -96,7 +106,7 @@ class Template:
                 segs.append((answer[cut:], False))
             done = full
         if add_generation_prompt or not segs:
-            prompt = self._render(tokenizer, messages, add_generation_prompt)
+            prompt = render(messages, add_generation_prompt)
             if not prompt.startswith(done):
                 raise UserError(f"the chat template of '{self.name}' rewrites earlier turns; pick another --template")
             segs.append((prompt[len(done):], False))
@@ -114,6 +124,71 @@ class Template:
             input_ids += ids
             labels += ids if (trainable or train_on_inputs) else [-100] * len(ids)
         return input_ids, labels
+
+    def encode_batch(self, tokenizer, conversations, add_generation_prompt=False, train_on_inputs=False):
+        """[(input_ids, labels)] for many conversations: exactly `[encode(...) for each]`, faster.
+
+        The same segments as encode() (a chat template renders every conversation's prompts in one
+        apply_chat_template call per kind of prompt), and every segment of every conversation tokenized
+        in one tokenizer call (the fast tokenizer spreads a batch over the cores); each segment is still
+        tokenized on its own, so the ids are the ones encode() gets. A batch with a conversation that
+        encode() rejects is encoded one by one, so the first bad conversation raises what encode() raises."""
+        conversations = list(conversations)
+        try:
+            segs = self._segments_batch(conversations, add_generation_prompt, tokenizer)
+        except Exception:
+            return [self.encode(tokenizer, m, add_generation_prompt, train_on_inputs) for m in conversations]
+        texts = [text for s in segs for text, _ in s if text]
+        flat = iter(token_ids(tokenizer, texts) if texts else [])
+        prefix = list(self._prefix_ids(tokenizer))
+        eos = tokenizer.eos_token_id if self.kind == "format" else None
+        out = []
+        for s in segs:
+            input_ids, labels = list(prefix), [-100] * len(prefix)
+            for text, trainable in s:
+                ids = next(flat) if text else []  # a fresh list per text
+                if trainable and eos is not None:
+                    ids.append(eos)
+                input_ids += ids
+                labels += ids if (trainable or train_on_inputs) else [-100] * len(ids)
+            out.append((input_ids, labels))
+        return out
+
+    def _segments_batch(self, conversations, add_generation_prompt, tokenizer):
+        """[segments(m, ...) for m in conversations], rendering a chat template once per kind of prompt."""
+        if self.kind != "chat":
+            return [self.segments(m, add_generation_prompt, tokenizer) for m in conversations]
+        if tokenizer is None:
+            raise ValueError("a chat template needs the tokenizer to render")
+        prepared = []
+        for messages in conversations:  # what segments() does before _chat_segments
+            _check_messages(messages, add_generation_prompt)
+            prepared.append(self._with_default_system([_fold_input(m) for m in messages]))
+        # The prefixes _chat_segments renders: before each answer (with the generation prompt) and through it
+        # (without), and the whole conversation when a generation prompt is asked for or nothing is answered.
+        wanted = {True: [], False: []}
+        for c, msgs in enumerate(prepared):
+            answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            for i in answers:
+                wanted[True].append((c, i))
+                wanted[False].append((c, i + 1))
+            if add_generation_prompt or not answers:
+                wanted[add_generation_prompt].append((c, len(msgs)))
+        rendered = {}
+        for gen, keys in wanted.items():
+            keys = [k for k in keys if k[1] > 0]  # an empty prefix is left to _render (it rejects it there)
+            if keys:
+                texts = self._render(tokenizer, [prepared[c][:n] for c, n in keys], gen)
+                rendered.update(zip([(c, n, gen) for c, n in keys], texts))
+
+        def renderer(c):
+            def render(msgs, gen):
+                key = (c, len(msgs), gen)
+                return rendered[key] if key in rendered else self._render(tokenizer, msgs, gen)
+            return render
+
+        return [self._chat_segments(msgs, add_generation_prompt, tokenizer, render=renderer(c))
+                for c, msgs in enumerate(prepared)]
 
     def prompt_ids(self, tokenizer, messages):
         """Token ids of the prompt for the next answer (the conversation must end with a user turn)."""
@@ -140,6 +215,68 @@ class Template:
         without = tokenizer("a", add_special_tokens=False)["input_ids"]
         n = len(with_sp) - len(without)
         return with_sp[:n] if n > 0 and with_sp[n:n + len(without)] == without else []
+
+
+_DIRECT = weakref.WeakKeyDictionary()  # tokenizer -> whether its Rust backend may be called directly
+
+
+def token_ids(tokenizer, texts):
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, each text on its own.
+
+    For a plain transformers fast tokenizer this calls its Rust backend the way `tokenizer(...)` does
+    (no truncation, no padding, its split_special_tokens), keeping only the ids and not computing character
+    offsets: `tokenizer(...)` also tracks offsets and builds an attention mask and a dict per text (about a
+    quarter of its time here). Any other tokenizer
+    (a slow one, or a class that overrides how it encodes) goes through `tokenizer(...)`; so does one
+    whose direct ids differed from `tokenizer(...)`'s on the first texts it was given (checked once)."""
+    direct = _direct_ok(tokenizer)
+    if direct is None:
+        probe = texts[:64]
+        try:
+            direct = _direct_ids(tokenizer, probe) == tokenizer(probe, add_special_tokens=False)["input_ids"]
+        except Exception:  # a transformers version whose internals differ: the plain call it is
+            direct = False
+        try:
+            _DIRECT[tokenizer] = direct
+        except TypeError:
+            pass
+    if direct:
+        return _direct_ids(tokenizer, texts)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _direct_ok(tokenizer):
+    """False where the backend must not be called directly, True where checked, None where not yet checked."""
+    try:
+        if tokenizer in _DIRECT:
+            return _DIRECT[tokenizer]
+    except TypeError:
+        pass
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    plain = (isinstance(tokenizer, TokenizersBackend) and cls.__call__ is PreTrainedTokenizerBase.__call__
+             and cls._encode_plus is TokenizersBackend._encode_plus
+             and cls.set_truncation_and_padding is TokenizersBackend.set_truncation_and_padding
+             and not hasattr(tokenizer, "_switch_to_input_mode"))
+    return None if plain else False
+
+
+def _direct_ids(tokenizer, texts):
+    from transformers.utils import PaddingStrategy
+    from transformers.tokenization_utils_base import TruncationStrategy
+
+    tokenizer.set_truncation_and_padding(PaddingStrategy.DO_NOT_PAD, TruncationStrategy.DO_NOT_TRUNCATE, None, 0,
+                                         None, None)
+    backend = tokenizer._tokenizer
+    if backend.encode_special_tokens != tokenizer.split_special_tokens:
+        backend.encode_special_tokens = tokenizer.split_special_tokens
+    # encode_batch_fast (tokenizers >= 0.20) gives the same ids without tracking offsets (about 15% faster)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False, is_pretokenized=False)]
 
 
 def _check_messages(messages, add_generation_prompt):
@@ -231,7 +368,8 @@ def get_template(name, tokenizer=None, lang="en"):
     key = f"{name}_zh" if lang == "zh" and not name.endswith("_zh") else name
     if key not in TEMPLATES:
         names = ", ".join(["chat"] + [t for t in TEMPLATES if not t.endswith("_zh")])
-        raise UserError(f"unknown --template '{name}'; valid templates are: {names} (Chinese wording: --prompt_lang zh)")
+        raise UserError(f"unknown --template '{name}'; valid templates are: {names} (Chinese wording: "
+                        "--prompt_lang zh)")
     return TEMPLATES[key]
 
 
