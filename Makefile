@@ -35,7 +35,8 @@ demo: setup
 	$(BIN)/python generate.py --lora_dir $(DEMO_DIR) --prompt "$(DEMO_PROMPT)" --max_new_tokens 96
 
 test: setup setup-dist
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) saved_models .pytest_cache
