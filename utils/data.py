@@ -49,7 +49,8 @@ class Source:
     origin: str = None                          # where a registry dataset was found (local copy or hub)
 
 
-def _split_spec(value):
+def split_spec(value, formats=FORMATS, unknown="unknown format '{fmt}'"):
+    """SOURCE[@FORMAT][:N] -> (source, format or None, N or None); FORMAT must be one of `formats`."""
     name, count = value, None
     head, sep, tail = value.rpartition(":")
     if sep and head:
@@ -64,8 +65,8 @@ def _split_spec(value):
     fmt = None
     if "@" in name:
         name, fmt = name.rsplit("@", 1)
-        if fmt not in FORMATS:
-            raise UserError(f"--data {value}: unknown format '{fmt}'; formats are: {', '.join(FORMATS)}")
+        if fmt not in formats:
+            raise UserError(f"--data {value}: {unknown.format(fmt=fmt)}; formats are: {', '.join(formats)}")
     return name, fmt, count
 
 
@@ -122,7 +123,7 @@ def resolve_sources(values):
     datasets, mixes = registry()
     out = []
     for value in values:
-        name, fmt, count = _split_spec(value)
+        name, fmt, count = split_spec(value)
         if name in datasets:
             out.append(_registry_source(name, datasets[name], fmt, count))
         elif name in mixes:

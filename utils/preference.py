@@ -240,24 +240,9 @@ def convert_pair_row(row, fmt, where, columns=None):
 # ---- reading --------------------------------------------------------------------------------------------
 def split_value(value):
     """SOURCE[@FORMAT][:N] with a pair format -> (source, format or None, N or None)."""
-    name, count = value, None
-    head, sep, tail = value.rpartition(":")
-    if sep and head:
-        try:
-            count = float(tail)
-        except ValueError:
-            pass
-        else:
-            name = head
-            if count <= 0:
-                raise UserError(f"--data {value}: the sample size after ':' must be positive")
-    fmt = None
-    if "@" in name:
-        name, fmt = name.rsplit("@", 1)
-        if fmt not in PAIR_FORMATS:
-            raise UserError(f"--data {value}: '{fmt}' is not a preference format; formats are: "
-                            f"{', '.join(PAIR_FORMATS)}")
-    return name, fmt, count
+    from utils.data import split_spec
+
+    return split_spec(value, PAIR_FORMATS, "'{fmt}' is not a preference format")
 
 
 def sample(examples, count, seed, label):
