@@ -556,19 +556,22 @@ def _open_arrow(arrow_file, key):
     return datasets.Dataset(MemoryMappedTable.from_file(str(arrow_file)), fingerprint=f"conversations-{key}")
 
 
+def sample_indices(total, count, seed, none_selected):
+    """Seeded indices of N rows (>= 1) or a fraction (< 1) of `total`: more than there are gives whole copies plus a
+    sample; none selected raises UserError(none_selected)."""
+    n = int(round(total * count)) if count < 1 else int(count)
+    if n == 0:
+        raise UserError(none_selected)
+    rng = random.Random(seed)
+    if n <= total:
+        return rng.sample(range(total), n)
+    return list(range(total)) * (n // total) + rng.sample(range(total), n % total)
+
+
 def _sample(ds, count, seed, label):
     if count is None:
         return ds
-    total = len(ds)
-    n = int(round(total * count)) if count < 1 else int(count)
-    if n == 0:
-        raise UserError(f"--data {label}:{count} selects no rows out of {total}")
-    rng = random.Random(seed)
-    if n <= total:
-        idx = rng.sample(range(total), n)
-    else:
-        idx = list(range(total)) * (n // total) + rng.sample(range(total), n % total)
-    return ds.select(idx)  # more than the source has: whole copies plus a sample
+    return ds.select(sample_indices(len(ds), count, seed, f"--data {label}:{count} selects no rows out of {len(ds)}"))
 
 
 def load_sources(values, for_training=True, seed=42):

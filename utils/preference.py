@@ -35,7 +35,6 @@ Pair formats (detected per source, or named with --data FILE@FORMAT):
 import hashlib
 import json
 import math
-import random
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -247,16 +246,13 @@ def split_value(value):
 
 def sample(examples, count, seed, label):
     """N examples (a seeded sample; more than there are repeats them) or a fraction; the order of data.py's :N."""
+    from utils.data import sample_indices
+
     if count is None:
         return examples
     total = len(examples)
-    n = int(round(total * count)) if count < 1 else int(count)
-    if n == 0:
-        raise UserError(f"--data {label}:{count:g} selects no pairs out of {total}")
-    rng = random.Random(seed)
-    idx = rng.sample(range(total), n) if n <= total else \
-        list(range(total)) * (n // total) + rng.sample(range(total), n % total)
-    return [examples[i] for i in idx]
+    return [examples[i] for i in sample_indices(total, count, seed,
+                                                f"--data {label}:{count:g} selects no pairs out of {total}")]
 
 
 def load_source_examples(src, fmt, stage):
