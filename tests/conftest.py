@@ -134,5 +134,5 @@ def start_server(app):
 
 def stop_server(server, thread):
     server.should_exit = True
-    thread.join(timeout=30)
+    thread.join(timeout=300)
     assert not thread.is_alive(), "the server did not shut down"

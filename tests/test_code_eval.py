@@ -56,7 +56,7 @@ PROBLEM = {"task_id": "t/add", "entry_point": "add", "prompt": "def add(a, b):\n
 
 @pytest.mark.parametrize("iso", ISOLATIONS)
 def test_correct_passes_wrong_fails(iso, tmp_root):
-    sb = Sandbox(Limits(timeout=60), isolation=iso)
+    sb = Sandbox(Limits(timeout=300), isolation=iso)
     ok = sb.run(code.build_program(PROBLEM, "    return a + b\n", "raw"))
     assert (ok.status, ok.kind, ok.message) == ("passed", "", "")
     bad = sb.run(code.build_program(PROBLEM, "    return a - b\n", "raw"))
@@ -75,14 +75,14 @@ def test_correct_passes_wrong_fails(iso, tmp_root):
     ("import numpy", "error", "ModuleNotFoundError"),  # the standard library only
 ])
 def test_outcomes_are_classified(program, status, kind):
-    res = Sandbox(Limits(timeout=60)).run(program)
+    res = Sandbox(Limits(timeout=300)).run(program)
     assert (res.status, res.kind) == (status, kind), res
 
 
 def test_cpu_time_and_file_size_limits():
     res = Sandbox(Limits(timeout=300, cpu_s=1)).run("while True:\n    pass\n")
     assert (res.status, res.kind, res.message) == ("timeout", "cpu_time", "the CPU-time limit was reached")
-    res = Sandbox(Limits(timeout=60, file_mb=1)).run("open('big', 'wb').write(b'x' * (2 << 20))\n")
+    res = Sandbox(Limits(timeout=300, file_mb=1)).run("open('big', 'wb').write(b'x' * (2 << 20))\n")
     assert (res.status, res.kind) == ("error", "OSError") and "[Errno 27] File too large" in res.message
 
 
@@ -96,14 +96,14 @@ def test_infinite_loop_times_out(iso, tmp_root):
 @pytest.mark.parametrize("iso", ISOLATIONS)
 def test_memory_bomb_is_stopped(iso, tmp_root):
     bomb = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 1024 * 1024))\n"
-    res = Sandbox(Limits(timeout=120, memory_mb=256), isolation=iso).run(bomb)
+    res = Sandbox(Limits(timeout=300, memory_mb=256), isolation=iso).run(bomb)
     assert (res.status, res.kind) == ("error", "MemoryError")
     _assert_no_leftovers(tmp_root)
 
 
 @pytest.mark.parametrize("iso", ISOLATIONS)
 def test_process_limit_and_fork_bomb(iso, tmp_root):
-    sb = Sandbox(Limits(timeout=60, nproc=8), isolation=iso)
+    sb = Sandbox(Limits(timeout=300, nproc=8), isolation=iso)
     counted = ("import os, time\nn = 0\nfor _ in range(50):\n    try:\n        pid = os.fork()\n"
                "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(600)\n        os._exit(0)\n"
                "    n += 1\nprint(n)\n")
@@ -126,7 +126,7 @@ def test_network_connection_fails(iso, tmp_root):
     port = server.getsockname()[1]
     try:
         prog = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=10).sendall(b'x')\n"
-        sb = Sandbox(Limits(timeout=60), isolation=iso)
+        sb = Sandbox(Limits(timeout=300), isolation=iso)
         res = sb.run(prog)
         assert res.status == "error"
         if sb.setup.namespaces:
@@ -145,7 +145,7 @@ def test_network_connection_fails(iso, tmp_root):
 
 @pytest.mark.parametrize("iso", ISOLATIONS)
 def test_grandchild_is_killed(iso, tmp_root):
-    sb = Sandbox(Limits(timeout=60), isolation=iso)
+    sb = Sandbox(Limits(timeout=300), isolation=iso)
     if not (sb.setup.namespaces or sb.setup.drop_uid):
         pytest.skip("plain isolation as a non-root user: a process that calls setsid() survives (documented)")
     prog = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n    os._exit(0)\nprint('done')\n"
@@ -161,7 +161,7 @@ def test_files_stay_in_the_run_directory(iso, tmp_root, tmp_path):
     prog = (f"import os\nopen('out.txt', 'w').write('x')\nopen('/tmp/{name}', 'w').write('y')\n"
             f"print(os.getcwd(), sorted(os.listdir('.')))\n"
             f"try:\n    open({str(outside)!r}, 'w').write('z')\nexcept OSError as e:\n    print(type(e).__name__)\n")
-    sb = Sandbox(Limits(timeout=60), isolation=iso)
+    sb = Sandbox(Limits(timeout=300), isolation=iso)
     try:
         res = sb.run(prog)
         assert res.status == "passed", res
@@ -182,7 +182,7 @@ def test_files_stay_in_the_run_directory(iso, tmp_root, tmp_path):
 
 
 def test_output_is_truncated():
-    res = Sandbox(Limits(timeout=60, output_bytes=1000)).run("import sys\nprint('x' * 100000)\n"
+    res = Sandbox(Limits(timeout=300, output_bytes=1000)).run("import sys\nprint('x' * 100000)\n"
                                                               "sys.stderr.write('e' * 5000)\n")
     assert res.status == "passed" and res.truncated
     assert res.stdout == "x" * 1000 + "\n...[99001 more bytes cut]"
@@ -211,7 +211,7 @@ def test_namespaces_required_but_missing(monkeypatch):
 
 
 def test_run_many_in_order_and_an_exception_stops_everything(tmp_root):
-    sb = Sandbox(Limits(timeout=60))
+    sb = Sandbox(Limits(timeout=300))
     res = sb.run_many([f"print({i})" for i in range(6)], workers=3)
     assert [r.stdout for r in res] == [f"{i}\n" for i in range(6)]
     _assert_no_leftovers(tmp_root)
@@ -262,7 +262,7 @@ def test_chat_answers_become_programs():
     assert prog.startswith(PROBLEM["prompt"].rstrip() + "\n\nimport math\n\ndef add(a, b):")
     body = code.chat_program_code(PROBLEM, "```\nreturn a + b\n```")  # a bare body at column 0 is indented
     assert body == PROBLEM["prompt"] + "    return a + b\n"
-    sb = Sandbox(Limits(timeout=60))
+    sb = Sandbox(Limits(timeout=300))
     for completion in (answer, "```\nreturn a + b\n```", "```py\n    return a + b\n```"):
         assert sb.run(code.build_program(PROBLEM, completion, "chat")).status == "passed", completion
 

@@ -224,7 +224,7 @@ def test_models_module_prints_the_table():
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "utils.models"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-m", "utils.models"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout == models_table()
 
 

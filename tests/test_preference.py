@@ -375,7 +375,7 @@ def test_dpo_adapter_is_served_by_server_py(dpo_run):
                 "temperature": 0}
         req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        with urllib.request.urlopen(req, timeout=300) as resp:
             answer = json.loads(resp.read())
     finally:
         stop_server(server, thread)

@@ -412,7 +412,7 @@ def test_endpoint_errors_are_one_sentence(stub, tmp_path):
 def test_cli(stub, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "utils.self_instruct", *map(str, args)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=300)
 
     res = cli("--seed_tasks", SEEDS)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
