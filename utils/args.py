@@ -128,6 +128,17 @@ class PeftArguments:
     peft_options: Optional[list[str]] = field(
         default=None, metadata={"help": "Any other setting of the method's config as key=value "
                                         "(e.g. init_r=16 tinit=0.2 for adalora)."})
+    extend_vocab: Optional[str] = field(
+        default=None, metadata={"example": "auto:500",
+                                "help": "Add tokens to the vocabulary and train their embedding rows besides the "
+                                        "method: a UTF-8 file with one new token per line, or auto:N to learn the N "
+                                        "Chinese characters / words that save the most tokens on the training data; "
+                                        "the tokenizer is saved with the adapter (sft stage; not with prefix, "
+                                        "p_tuning, prompt or the bottleneck adapters)."})
+    new_token_init: str = field(
+        default="mean", metadata={"help": "How the new rows start: mean (the mean of the rows of the pieces the old "
+                                          "tokenizer splits the token into) or random (seeded normal noise at the "
+                                          "old rows' scale).", "choices": ["mean", "random"]})
 
 
 @dataclass
@@ -215,6 +226,16 @@ def _check_train(args):
 
 
 TrainArguments.check = _check_train
+
+
+def _check_peft(args):
+    if args.extend_vocab is not None:
+        from utils.vocab import parse_value
+
+        parse_value(args.extend_vocab)  # auto:N with N >= 1, or an existing file
+
+
+PeftArguments.check = _check_peft
 
 
 # The seed's documented sampling settings (Alpaca-CoT README, "Inference Hyper-parameter Explanation").

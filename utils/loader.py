@@ -4,13 +4,15 @@ With --lora_dir the base model, model type, template and tokenizer come from the
 so the prompt at inference is token for token the prompt of training, and the run's own `trust_remote_code`
 applies to config, tokenizer and weights alike. Quantization: a base trained quantized (qlora, --load_in_4bit /
 --load_in_8bit) is loaded quantized again; --load_in_4bit / --load_in_8bit ask for it explicitly (for a base
-model alone too); methods whose adapter replaces base weights refuse a quantized base with one sentence.
+model alone too); methods whose adapter replaces base weights refuse a quantized base with one sentence. A run that
+extended the vocabulary (--extend_vocab) brings its tokenizer, and its base is resized and initialised as in
+training before the adapter is attached (attach_run; utils/vocab.py).
 """
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import run_dir
+from utils import run_dir, vocab
 from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, place_for_inference, resolve_model
 from utils.peft_methods import capability, check_quantization_available, load_adapter, requested_bits
@@ -37,6 +39,21 @@ def open_run(lora_dir):
     meta = run_dir.read_meta(path)
     template = run_dir.read_template(path)
     return Run(path, meta, template, config)
+
+
+def attach_run(model, run, adapter_name=None):
+    """The run's adapter on `model` (its base model, loaded): a run with --extend_vocab gets the resized embeddings
+    first, and its trained rows written into them after (vocab.after_adapter; a no-op for other runs).
+    adapter_name: a further adapter on a shared PeftModel (server.py), only for runs where shares_base is true."""
+    model = vocab.prepare_base(model, run.meta)
+    model = load_adapter(model, run.path, adapter_name=adapter_name)
+    return vocab.after_adapter(model, run.meta)
+
+
+def shares_base(run):
+    """Whether server.py may attach this run's adapter to a base model shared with other adapters: the method's
+    preset says `shareable` and the run kept the base's vocabulary (an extended run needs its own resized base)."""
+    return bool(capability(run.peft_type, "shareable")) and not vocab.extends(run.meta)
 
 
 def inference_bits(run, bits, keep_quantization=True):
@@ -69,19 +86,20 @@ def load_for_inference(lora_dir=None, model_name_or_path=None, model_type=None, 
         trust = trust_remote_code or bool(run.meta.get("trust_remote_code", False))
         base = model_name_or_path or run.meta["base_model"]
         path, _, mtype = resolve_model(base, run.meta["model_type"], trust)
-        tokenizer = load_tokenizer(run.path, trust)
+        tokenizer = load_tokenizer(run.path, trust)  # the run's own: with the tokens --extend_vocab added
+        vocab.check_tokenizer(tokenizer, run.meta, run.path)
         tmpl = run.template
         model = load_model(path, dtype, trust, tokenizer.pad_token_id, bits)
-        model = load_adapter(model, run.path)
+        model = attach_run(model, run)
         info = {"base_model": base, "model_type": mtype, "adapter": str(lora_dir), "template": tmpl.name,
-                "peft_type": run.peft_type, "quant_bits": bits}
+                "peft_type": run.peft_type, "quant_bits": bits, "added_tokens": vocab.added_tokens(run.meta)}
     else:
         path, _, mtype = resolve_model(model_name_or_path, model_type, trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code)
         tmpl = pick_template(template, get_spec(mtype).template, tokenizer)
         model = load_model(path, dtype, trust_remote_code, tokenizer.pad_token_id, bits)
         info = {"base_model": model_name_or_path or EMBEDDED_ALIAS, "model_type": mtype, "adapter": None,
-                "template": tmpl.name, "peft_type": None, "quant_bits": bits}
+                "template": tmpl.name, "peft_type": None, "quant_bits": bits, "added_tokens": 0}
     place_for_inference(model).eval()
     return model, tokenizer, tmpl, info
 

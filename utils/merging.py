@@ -1,7 +1,12 @@
-"""Merge a LoRA-family adapter into its base model -> a standalone model directory (safetensors)."""
+"""Merge a LoRA-family adapter into its base model -> a standalone model directory (safetensors).
+
+A run with --extend_vocab merges into its resized base: the model written has the new tokens' trained rows in its
+embedding (and LM head) and the extended tokenizer, so plain transformers loads it as any other model.
+"""
 import shutil
 from pathlib import Path
 
+from utils import vocab
 from utils.errors import UserError
 from utils.peft_methods import capability
 from utils.run_dir import TEMPLATE_FILE
@@ -34,8 +39,14 @@ def merge_adapter(lora_dir, merged_dir, model_name_or_path=None, trust_remote_co
     check_size(getattr(model_args, "size", None), info)
     # full / freeze: the trained weights are already in the model
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    plan = vocab.VocabPlan.from_meta(run.meta)
+    if plan is not None:  # --extend_vocab: the resized embeddings (new rows trained) and the extended tokenizer
+        vocab.check_merged(merged, tokenizer, plan)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copyfile(Path(lora_dir) / TEMPLATE_FILE, out / TEMPLATE_FILE)
     print(f"merged {lora_dir} into {run.meta['base_model']} -> {out}/")
+    if plan is not None:
+        print(f"vocabulary: {len(tokenizer):,} tokens ({len(plan.tokens)} added by --extend_vocab), "
+              f"{plan.rows:,} embedding rows")
     return out

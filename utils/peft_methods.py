@@ -34,6 +34,9 @@ CAPABILITIES = {
     "shareable": "server.py serves its adapters from one loaded base, switched per request",
     "gradient_checkpointing": "--gradient_checkpointing works with it",
     "needs_gpu": "it cannot train on a CPU",
+    "vocab_extension": "how --extend_vocab trains the new token rows: trainable_tokens (peft's "
+                       "trainable_token_indices), modules_to_save (peft's trained embedding copy, old rows masked), "
+                       "weights (the method's own saved weights) or no (refused); see utils/vocab.py",
 }
 # our flag -> preset key, for flags whose name differs from the config key
 DIRECT_FLAGS = {"num_virtual_tokens": "num_virtual_tokens", "bottleneck_size": "bottleneck_size",
@@ -219,7 +222,8 @@ def _schedule_steps(params, total_steps):
                         "with --peft_options")
 
 
-def build_peft_config(peft_type, params, model, spec, lora_target_modules=None, total_steps=None):
+def build_peft_config(peft_type, params, model, spec, lora_target_modules=None, total_steps=None, vocab_plan=None):
+    """The upstream peft config of a method; vocab_plan (--extend_vocab) adds the new token rows it trains."""
     import peft
 
     from utils.models import layout_for
@@ -228,6 +232,10 @@ def build_peft_config(peft_type, params, model, spec, lora_target_modules=None, 
     cls_name = preset["builder"].split(".", 1)[1]
     cls = getattr(peft, cls_name)
     params = dict(params)
+    if vocab_plan is not None:
+        from utils import vocab
+
+        params.update(vocab.peft_params(model, vocab_plan, preset["vocab_extension"]))
     fields = getattr(cls, "__dataclass_fields__", {})
     if not preset["prompt_learning"] and "target_modules" in fields and "target_modules" not in params:
         layout = layout_for(getattr(model.config, "model_type", None)) or {}
@@ -258,8 +266,10 @@ def transformer_layers(model):
     raise UserError("cannot find the transformer layers of this model for --peft_type freeze; use another method")
 
 
-def attach_adapter(model, peft_args, spec, total_steps=None, gradient_checkpointing=False):
-    """Make `model` trainable with --peft_type; returns (model, callbacks for the Trainer)."""
+def attach_adapter(model, peft_args, spec, total_steps=None, gradient_checkpointing=False, vocab_plan=None):
+    """Make `model` trainable with --peft_type; returns (model, callbacks for the Trainer).
+
+    vocab_plan (--extend_vocab, utils/vocab.py): the model is already resized; the new token rows train too."""
     preset, params = preset_params(peft_args)
     builder = preset["builder"]
     callbacks = []
@@ -290,10 +300,14 @@ def attach_adapter(model, peft_args, spec, total_steps=None, gradient_checkpoint
         from peft import get_peft_model
 
         config = build_peft_config(peft_args.peft_type, params, model, spec, peft_args.lora_target_modules,
-                                   total_steps)
+                                   total_steps, vocab_plan)
         model = get_peft_model(model, config)
         if builder == "peft.AdaLoraConfig":
             callbacks.append(adalora_callback())
+    if vocab_plan is not None:
+        from utils import vocab
+
+        vocab.after_attach(model, vocab_plan, preset["vocab_extension"], builder)
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still get gradients
     return model, callbacks
@@ -341,7 +355,11 @@ def save_adapter(model, out_dir, peft_type):
                "base_model_name_or_path": getattr(model.config, "_name_or_path", None)}
         (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=1), encoding="utf-8")
     else:
-        model.save_pretrained(out)
+        from utils import vocab
+
+        # --extend_vocab: the new rows are in the adapter (trainable tokens / the embedding copy); without this peft
+        # would also save the whole resized embedding, as it does for any resized vocabulary
+        model.save_pretrained(out, **({"save_embedding_layers": False} if vocab.rows_in_adapter(model) else {}))
 
 
 def adapter_loader(adapter_config):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import data as data_lib
+from utils import vocab
 from utils.distributed import check_distributed, full_weights
 from utils.errors import UserError
 from utils.models import EMBEDDED_ALIAS, get_spec, load_model, load_tokenizer, resolve_model
@@ -62,6 +63,23 @@ def prepare_data(data_args, tokenizer, template, seed):
         raise UserError(f"every example lost all its answer tokens at --cutoff_len {data_args.cutoff_len}; raise it")
     train, val = data_lib.split(examples, data_args.val_set_size, seed)
     return train, val, {"sources": sources, "dropped_by_cutoff": dropped, "train": len(train), "val": len(val)}
+
+
+def prepare_vocab_data(data_args, peft_args, tokenizer, template, seed):
+    """prepare_data, with --extend_vocab applied to `tokenizer` first (in place): (train, val, report, VocabPlan or
+    None). auto:N learns its tokens from the training rows as the old tokenizer renders them, then the data is
+    tokenized again with the new tokens; the plan's savings are measured on the training rows."""
+    if not peft_args.extend_vocab:
+        return (*prepare_data(data_args, tokenizer, template, seed), None)
+
+    def training_texts():  # auto:N only; called before the tokens are added
+        first_train = prepare_data(data_args, tokenizer, template, seed)[0]
+        return vocab.texts_of(first_train, tokenizer, vocab.LEARN_ROWS)
+
+    plan = vocab.extend_tokenizer(tokenizer, peft_args.extend_vocab, training_texts, peft_args.new_token_init, seed)
+    train, val, report = prepare_data(data_args, tokenizer, template, seed)
+    vocab.measure(plan, tokenizer, vocab.texts_of(train, tokenizer, vocab.LEARN_ROWS))  # -> plan.savings
+    return train, val, report, plan
 
 
 def print_data_report(report, train, tokenizer):
@@ -408,6 +426,7 @@ class Setup:
     quant_bits: int
     method_params: dict
     peft_type: str
+    vocab_mechanism: str = None  # --extend_vocab: how the method trains the new rows (utils/vocab.py MECHANISMS)
 
     def describe(self):
         return (f"{self.model_args.model_name_or_path or EMBEDDED_ALIAS} ({self.model_type}) from {self.path}; "
@@ -423,6 +442,11 @@ def setup_run(model_args, data_args, peft_args, train_args, template=None):
     check_gradient_checkpointing(peft_args.peft_type, train_args.gradient_checkpointing)
     check_engines(train_args)
     check_distributed(model_args, peft_args, train_args, quant_bits)
+    mechanism = vocab.check_request(peft_args.peft_type, peft_args.extend_vocab, peft_args.new_token_init,
+                                    train_args.stage, train_args.weight_decay,
+                                    engine="fsdp" if (train_args.fsdp or train_args.fsdp_config) else
+                                    "deepspeed" if train_args.deepspeed else None)
+    check_ref_vocab(train_args)
     decide_micro_batch(train_args.micro_batch_size, train_args.per_gpu_train_batch_size)
     path, _, model_type = resolve_model(model_args.model_name_or_path, model_args.model_type,
                                         model_args.trust_remote_code)
@@ -431,7 +455,20 @@ def setup_run(model_args, data_args, peft_args, train_args, template=None):
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     template = template or pick_template(data_args.template, spec.template, tokenizer, data_args.prompt_lang)
     return Setup(model_args, path, model_type, spec, output_dir, tokenizer, template, quant_bits, method_params,
-                 peft_args.peft_type)
+                 peft_args.peft_type, mechanism)
+
+
+def check_ref_vocab(train_args):
+    """--ref_adapter of a run that extended its vocabulary: its base is a resized model (one sentence)."""
+    ref = getattr(train_args, "ref_adapter", None)
+    if not ref or not (Path(ref) / "finetune_meta.json").is_file():
+        return  # a missing or damaged run is reported where it is opened
+    from utils.run_dir import read_meta
+
+    if vocab.extends(read_meta(ref)):
+        raise UserError(f"--ref_adapter {ref} extended the vocabulary (--extend_vocab), so it does not fit the base "
+                        f"model; merge it first (merge.py --lora_dir {ref} --merged_dir DIR) and pass "
+                        "--model_name_or_path DIR instead")
 
 
 def run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch, speed):
@@ -474,22 +511,28 @@ def build_run(model_args, data_args, peft_args, train_args):
     setup = setup_run(model_args, data_args, peft_args, train_args)
     path, spec, tokenizer, template = setup.path, setup.spec, setup.tokenizer, setup.template
     output_dir, quant_bits = setup.output_dir, setup.quant_bits
-    train, val, report = prepare_data(data_args, tokenizer, template, train_args.seed)
+    train, val, report, vocab_plan = prepare_vocab_data(data_args, peft_args, tokenizer, template, train_args.seed)
     main = is_main_process()  # under torchrun only rank 0 prints and writes files
     if main:
         print(f"model: {setup.describe()}")
+        if vocab_plan is not None:
+            print(vocab.describe(vocab_plan))
+            print(f"vocab: {vocab.MECHANISMS[setup.vocab_mechanism]}")
         print_data_report(report, train, tokenizer)
     if data_args.dry_run:
         return None
 
     resume = resolve_resume(train_args.resume_from_checkpoint, output_dir, say=print if main else (lambda *a: None))
     model = load_model(path, model_args.dtype, model_args.trust_remote_code, tokenizer.pad_token_id, quant_bits)
+    if vocab_plan is not None:  # resized and initialised before the method wraps any module
+        vocab.resize_and_init(model, vocab_plan)
     total_steps = steps_for_run(len(train), train_args.per_gpu_train_batch_size, train_args.gradient_accumulation_steps,
                                 train_args.epochs, train_args.max_steps, world_size())
     from transformers import set_seed
 
     set_seed(train_args.seed)  # adapter init (e.g. LoRA A) depends on --seed alone: runs are reproducible
-    model, callbacks = attach_adapter(model, peft_args, spec, total_steps, train_args.gradient_checkpointing)
+    model, callbacks = attach_adapter(model, peft_args, spec, total_steps, train_args.gradient_checkpointing,
+                                      vocab_plan)
     trainable, total = count_parameters(model)
     global_batch = train_args.per_gpu_train_batch_size * train_args.gradient_accumulation_steps * world_size()
     if main:
@@ -511,6 +554,9 @@ def build_run(model_args, data_args, peft_args, train_args):
     trainer.throughput = ThroughputCallback(trainer.callback_handler)
     trainer.add_callback(trainer.throughput)
     meta = run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch, speed)
+    if vocab_plan is not None:
+        vocab.check_ranks(vocab_plan)  # under torchrun every process must have added the same tokens
+        meta[vocab.META_KEY] = vocab_plan.to_meta()
     return Run((model_args, data_args, peft_args, train_args), trainer, model, tokenizer, template, train, val,
                report, meta, output_dir, resume)
 

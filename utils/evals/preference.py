@@ -157,6 +157,9 @@ def _reference_scores(model, tokenizer, todo, eval_args, handle, reference, ref_
                                   model_type=meta["model_type"], dtype=handle.model_args.dtype,
                                   trust_remote_code=bool(meta.get("trust_remote_code")),
                                   quant_bits=meta.get("quant_bits"))
+    from utils import vocab
+
+    base = vocab.prepare_base(base, meta)  # a run with --extend_vocab: the base resized and initialised as in training
     return _score(base, tokenizer, todo, eval_args.batch_size, sides)
 
 

@@ -313,14 +313,15 @@ def _base_of(model_args, adapters, runs):
 
 def _adapter_entries(adapters, runs, bits_of, path, model_args, trust, log):
     """(an Entry per adapter, groups: (PEFT tuner type, quantization bits) -> the shared PeftModel)."""
+    from utils.loader import attach_run, shares_base
     from utils.models import load_model, load_tokenizer, place_for_inference
-    from utils.peft_methods import capability, load_adapter
+    from utils.peft_methods import load_adapter
 
     entries, groups = [], {}
     for i, (name, adir) in enumerate(adapters):
         run, bits = runs[name], bits_of[name]
         tokenizer = load_tokenizer(adir, trust)
-        shared = capability(run.peft_type, "shareable")
+        shared = shares_base(run)
         internal = f"adapter{i}"
         if shared:
             key = (run.adapter_config.get("peft_type"), bits)
@@ -329,8 +330,8 @@ def _adapter_entries(adapters, runs, bits_of, path, model_args, trust, log):
                                                              bits))
             model = groups[key] = load_adapter(groups[key], adir, adapter_name=internal)
         else:
-            model = load_adapter(place_for_inference(load_model(path, model_args.dtype, trust, tokenizer.pad_token_id,
-                                                                bits)), adir)
+            model = place_for_inference(attach_run(load_model(path, model_args.dtype, trust, tokenizer.pad_token_id,
+                                                              bits), run))
         entries.append(Entry(name, model, tokenizer, run.template, run.peft_type, str(adir),
                              internal if shared else None, shared, _context_length(model)))
         log(f"[model '{name}': adapter {adir} ({run.peft_type}), template {run.template.name}, "
