@@ -212,6 +212,7 @@ def tokenizer_alone(path, model, template_name, cache, batch=1000):
 
 
 def main(argv=None):
+    # long: the benchmark's steps (build input, time ours, time the tokenizer, report) read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=200_000, help="rows of the input (default 200,000)")
     ap.add_argument("--formats", nargs="+", default=["json", "jsonl"], choices=["json", "jsonl"])

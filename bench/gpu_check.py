@@ -335,6 +335,7 @@ def data_spec(cfg, data_dir):
 
 
 def build_plan(a, cfg, work, cuda):
+    # long: one table of the checks the GPU run makes, kept in one place to read and edit
     py = sys.executable
     me = str(Path(__file__).resolve().relative_to(ROOT))
     model = str(work / "model")
@@ -766,6 +767,7 @@ def main(argv=None):
 
 
 def drive(a):
+    # long: the one prepared GPU run, step by step in order, so a reader sees the whole sequence
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     out = Path(a.out or os.environ.get("OUT") or ROOT / "bench" / "results" / f"gpu-{time.strftime('%Y-%m-%d')}")
     cfg = TINY if a.tiny else FULL

@@ -50,6 +50,7 @@ def cached_load_seconds(model):
 
 
 def main(argv=None):
+    # long: the benchmark's steps read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny random llama, 16 prompts, 8 new tokens")
     ap.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct)")

@@ -48,6 +48,7 @@ FP32_CONFIGS = {
 
 
 def main(argv=None):
+    # long: the ablation's variants and their report read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=8, help="batches per configuration")
     ap.add_argument("--n", type=int, default=64, help="rows to draw the batches from")

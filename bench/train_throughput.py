@@ -104,6 +104,7 @@ def _unwrapped(trainer):
 
 # ---- one system, in its own process ------------------------------------------------------------------
 def worker(system, spec_path, out_path):
+    # long: one timed training run of a candidate, its setup and measurement together
     import torch
 
     spec = json.loads(Path(spec_path).read_text())
@@ -231,6 +232,7 @@ def summarize(results, best_name):
 
 
 def main(argv=None):
+    # long: the benchmark's candidates, alternation and report read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny random llama, few rows, one round")
     ap.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct)")

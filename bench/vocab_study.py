@@ -249,6 +249,7 @@ def machine():
 
 
 def main(argv=None):
+    # long: the study's steps (data, two runs, tokens, loss, speed, report) read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps of each run")
     ap.add_argument("--batch", type=int, default=4)

@@ -20,58 +20,72 @@ def generate_ids(model, tokenizer, ids, gen_kwargs, stream=None, stop=None):
     stream=callable(text) receives text as it is produced; stop = strings that end the answer (not included).
     finish_reason is "stop" (EOS, end of turn or a stop string) or "length" (max_new_tokens reached).
     """
-    import threading
-
     import torch
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     input_ids = torch.tensor([ids], device=model.device)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
     if stop:
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
-    result = {}
-
-    def run(streamer=None):
-        try:
-            with torch.no_grad():
-                result["out"] = model.generate(**kwargs, **({"streamer": streamer} if streamer else {}))
-        except BaseException as exc:  # the reader must not wait for text that never comes
-            result["error"] = exc
-            if streamer is not None:
-                streamer.end()
-
     if stream is None:
-        run()
-        if "error" in result:
-            raise result["error"]
-        new = result["out"][0, len(ids):]
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        result, sent = {}, 0
+        _generate_into(result, model, kwargs)
     else:
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()  # set when the reader fails: generation stops at the next token
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), _Cancel(cancel)])
-        thread = threading.Thread(target=run, kwargs={"streamer": streamer}, daemon=True)
-        thread.start()
-        pieces, sent = [], 0
-        hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may still be forming
-        try:
-            for piece in streamer:
-                pieces.append(piece)
-                text = "".join(pieces)
-                cut = _stop_cut(text, stop)
-                safe = cut if cut is not None else len(text) - hold
-                if safe > sent:
-                    stream(text[sent:safe])
-                    sent = safe
-        except BaseException:
-            cancel.set()
-            thread.join()
-            raise
+        result, streamed, sent = _generate_streamed(model, tokenizer, kwargs, stream, stop)
+    if "error" in result:
+        raise result["error"]
+    new = result["out"][0, len(ids):]
+    text = tokenizer.decode(new, skip_special_tokens=True) if stream is None else streamed
+    return _finish(text, new, gen_kwargs, stop, stream, sent)
+
+
+def _generate_into(result, model, kwargs, streamer=None):
+    """model.generate(**kwargs) into result["out"], or the exception it raised into result["error"]."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            result["out"] = model.generate(**kwargs, **({"streamer": streamer} if streamer else {}))
+    except BaseException as exc:  # the reader must not wait for text that never comes
+        result["error"] = exc
+        if streamer is not None:
+            streamer.end()
+
+
+def _generate_streamed(model, tokenizer, kwargs, stream, stop):
+    """Generate in a thread and pass the text to stream() as it comes, holding back what may still become a stop
+    string; returns (result of _generate_into, the whole text, how many characters were sent)."""
+    import threading
+
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    result = {}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancel = threading.Event()  # set when the reader fails: generation stops at the next token
+    kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), _Cancel(cancel)])
+    thread = threading.Thread(target=_generate_into, args=(result, model, kwargs), kwargs={"streamer": streamer},
+                              daemon=True)
+    thread.start()
+    pieces, sent = [], 0
+    hold = max((len(s) for s in stop or []), default=1) - 1  # a stop string may still be forming
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            text = "".join(pieces)
+            cut = _stop_cut(text, stop)
+            safe = cut if cut is not None else len(text) - hold
+            if safe > sent:
+                stream(text[sent:safe])
+                sent = safe
+    except BaseException:
+        cancel.set()
         thread.join()
-        if "error" in result:
-            raise result["error"]
-        new = result["out"][0, len(ids):]
-        text = "".join(pieces)
+        raise
+    thread.join()
+    return result, "".join(pieces), sent
+
+
+def _finish(text, new, gen_kwargs, stop, stream, sent):
+    """Cut the text at the first stop string, stream what was not sent yet, and name why generation ended."""
     cut = _stop_cut(text, stop)
     if cut is not None:
         text = text[:cut]

@@ -717,15 +717,11 @@ def group_by_length(flag, settings):
 def build_preference_run(model_args, data_args, peft_args, train_args):
     """A Run for --stage dpo / orpo / kto / simpo (None for --dry_run)."""
     from utils import train as T
-    from utils.peft_methods import capability, count_parameters, steps_for_run
+    from utils.peft_methods import capability, steps_for_run
 
     settings = stage_settings(train_args)
     stage = settings["stage"]
-    if data_args.packing == "on":
-        raise UserError(f"--packing on applies to --stage sft; --stage {stage} pads each batch (drop the flag)")
-    if data_args.train_on_inputs:
-        raise UserError("--train_on_inputs applies to --stage sft; a preference loss compares answers only")
-    check_method(peft_args.peft_type, stage)
+    check_stage_flags(data_args, peft_args, stage)
     ref_run = None
     if train_args.ref_adapter:
         ref_run, model_args = open_ref_adapter(train_args.ref_adapter, model_args, data_args, peft_args)
@@ -736,8 +732,7 @@ def build_preference_run(model_args, data_args, peft_args, train_args):
                         "samples per pass; raise --per_gpu_train_batch_size or --micro_batch_size")
     train, val, report = prepare_data(data_args, train_args, setup.tokenizer, setup.template)
     main = T.is_main_process()
-    loader = capability(peft_args.peft_type, "loader")
-    reference = reference_mode(settings, loader, bool(ref_run))
+    reference = reference_mode(settings, capability(peft_args.peft_type, "loader"), bool(ref_run))
     if main:
         print(f"model: {setup.describe()}; stage: {stage} (beta {settings['beta']:g}, loss {settings['loss_type']}"
               + (f", gamma {settings['simpo_gamma']:g}" if stage == "simpo" else "") + ")")
@@ -751,8 +746,7 @@ def build_preference_run(model_args, data_args, peft_args, train_args):
     total_steps = steps_for_run(len(train), train_args.per_gpu_train_batch_size, train_args.gradient_accumulation_steps,
                                 train_args.epochs, train_args.max_steps, T.world_size())
     model, callbacks = load_policy(setup, peft_args, train_args, total_steps, ref_run)
-    trainable, total = count_parameters(model)
-    global_batch = train_args.per_gpu_train_batch_size * train_args.gradient_accumulation_steps * T.world_size()
+    trainable, total, global_batch = T.report_scale(model, train_args, total_steps)
     bf16, why_bf16 = bf16_plan(model, train, train_args, setup.quant_bits)
     group = group_by_length(data_args.group_by_length, settings)
     if group:  # the Trainer's length-grouped samplers (train and eval) read this column
@@ -761,11 +755,29 @@ def build_preference_run(model_args, data_args, peft_args, train_args):
              "summary": f"padded batches (TRL's collator){', length-grouped' if group else ''}; bf16 autocast "
                         f"{'on' if bf16 else 'off'} ({why_bf16})"}
     if main:
-        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
-        print(f"batch: global {global_batch} = {train_args.per_gpu_train_batch_size} per device x "
-              f"{train_args.gradient_accumulation_steps} accumulation x {T.world_size()} processes; {total_steps} "
-              "optimizer steps")
         print(f"speed: {speed['summary']}")
+    trainer = _stage_trainer(model, callbacks, train, val, setup, settings, reference, data_args, train_args, speed)
+    meta = T.run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch,
+                      speed)
+    meta.update(stage=stage, preference=dict(settings, reference=reference))
+    return T.Run((model_args, data_args, peft_args, train_args), trainer, model, setup.tokenizer, setup.template,
+                 train, val, report, meta, setup.output_dir, resume, before_save=_drop_reference_adapter)
+
+
+def check_stage_flags(data_args, peft_args, stage):
+    """The sft-only data flags and the method, against a preference stage (one sentence each)."""
+    if data_args.packing == "on":
+        raise UserError(f"--packing on applies to --stage sft; --stage {stage} pads each batch (drop the flag)")
+    if data_args.train_on_inputs:
+        raise UserError("--train_on_inputs applies to --stage sft; a preference loss compares answers only")
+    check_method(peft_args.peft_type, stage)
+
+
+def _stage_trainer(model, callbacks, train, val, setup, settings, reference, data_args, train_args, speed):
+    """TRL's trainer of the stage on the tokenized pairs, with the reference set up as `reference` says."""
+    from utils import train as T
+
+    stage = settings["stage"]
     if settings["ref_free"]:  # no reference forward: the reference log-probs are zeros, read from the batch
         train, val = _with_zero_reference(train), val and _with_zero_reference(val)
     args = T._training_arguments(train_args, str(setup.output_dir), val is not None, speed, config_class(stage),
@@ -776,15 +788,8 @@ def build_preference_run(model_args, data_args, peft_args, train_args):
     if reference != "ref_adapter" and "ref" in getattr(policy, "peft_config", {}):
         policy.delete_adapter("ref")  # a fresh adapter starts as the base: the reference is the adapter disabled
         policy.set_adapter("default")
-    from utils.trainer import ThroughputCallback
-
-    trainer.throughput = ThroughputCallback(trainer.callback_handler)
-    trainer.add_callback(trainer.throughput)
-    meta = T.run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch,
-                      speed)
-    meta.update(stage=stage, preference=dict(settings, reference=reference))
-    return T.Run((model_args, data_args, peft_args, train_args), trainer, model, setup.tokenizer, setup.template,
-                 train, val, report, meta, setup.output_dir, resume, before_save=_drop_reference_adapter)
+    T.add_throughput(trainer)
+    return trainer
 
 
 def _with_length(dataset):

@@ -405,18 +405,7 @@ class Sandbox:
                 _FREE_SLOTS.put(slot)
 
     def _exec(self, prog, work, limits, s, uid, stop):
-        nproc = limits.nproc
-        if not (s.drop_uid or s.user_ns):  # RLIMIT_NPROC counts all of this user's processes
-            nproc += _user_tasks(os.getuid())
-        cfg = {"program": str(prog), "dir": str(work), "result_fd": None, "uid": uid,
-               "private_tmp": s.private_tmp, "readonly": s.readonly, "drop_caps": s.user_ns,
-               "block_network": not s.namespaces, "supervise": s.namespaces,
-               "alarm": int(math.ceil(limits.timeout)) + 5, "nr_mount_setattr": _NR_MOUNT_SETATTR,
-               "limits": {"as": limits.memory_mb << 20, "cpu": limits.cpu_seconds(), "fsize": limits.file_mb << 20,
-                          "nofile": limits.nofile, "nproc": nproc}}
-        tmp = "/tmp" if s.private_tmp else str(work)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
-               "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+        cfg, env = _child_config(prog, work, limits, s, uid)
         r, w = os.pipe()
         cfg["result_fd"] = w
         cmd = (_unshare_cmd(s) if s.namespaces else []) + [s.python, "-I", "-S", "-B", "-X", "utf8", "-c",
@@ -430,76 +419,9 @@ class Sandbox:
             os.close(w)
             return Result("error", "sandbox_start", f"could not start {cmd[0]}: {exc}")
         os.close(w)
-        out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-        bufs = {out_fd: bytearray(), err_fd: bytearray(), r: bytearray()}
-        cut = {fd: 0 for fd in bufs}
-        sel = selectors.DefaultSelector()
-        for fd in bufs:
-            sel.register(fd, selectors.EVENT_READ)
-        timed_out = cancelled = False
-        exited_at = None
-        try:
-            while sel.get_map():
-                now = time.monotonic()
-                if proc.poll() is not None and exited_at is None:
-                    exited_at = now
-                if exited_at is not None and now - exited_at > 0.5:
-                    break  # ended, but something still holds its pipes: it is killed below
-                if exited_at is None and now - start > limits.timeout:
-                    timed_out = True
-                    break
-                if stop is not None and stop.is_set():
-                    cancelled = True
-                    break
-                for key, _ in sel.select(timeout=0.05):
-                    _read(key.fd, sel, bufs, cut, limits.output_bytes if key.fd != r else 65536)
-        finally:
-            _kill_group(proc.pid)
-            proc.wait()
-            deadline = time.monotonic() + 1.0
-            while sel.get_map() and time.monotonic() < deadline:
-                for key, _ in sel.select(timeout=0.05):
-                    _read(key.fd, sel, bufs, cut, limits.output_bytes if key.fd != r else 65536)
-            sel.close()
-            os.close(r)
-            proc.stdout.close()
-            proc.stderr.close()
+        got, ended = _pump(proc, r, start, limits, stop)
         duration = round(time.monotonic() - start, 3)
-        stdout, stderr = _text(bufs[out_fd], cut[out_fd]), _text(bufs[err_fd], cut[err_fd])
-        res = Result("error", stdout=stdout, stderr=stderr, truncated=bool(cut[out_fd] or cut[err_fd]),
-                     duration=duration, returncode=proc.returncode)
-        if cancelled:
-            res.kind, res.message = "cancelled", "the evaluation stopped before this program finished"
-            return res
-        if timed_out:
-            res.status, res.kind, res.message = "timeout", "wall_clock", f"still running after {limits.timeout:g} s"
-            return res
-        lines = [l for l in bytes(bufs[r]).decode("utf-8", "replace").splitlines() if l.strip()]
-        if lines:
-            try:
-                rep = json.loads(lines[-1])
-                res.status, res.kind, res.message = rep["status"], rep["kind"], rep["message"]
-                if res.status not in STATUSES:
-                    raise ValueError(res.status)
-                return res
-            except (ValueError, KeyError, TypeError):
-                res.status, res.kind, res.message = "error", "bad_report", lines[-1][:200]
-                return res
-        rc = proc.returncode
-        sig = -rc if rc is not None and rc < 0 else rc - 128 if s.namespaces and rc and rc > 128 else None
-        if sig:  # killed by a signal (in namespaces the supervisor exits with 128 + its number)
-            if sig == signal.SIGXCPU:
-                res.status, res.kind, res.message = "timeout", "cpu_time", "the CPU-time limit was reached"
-            else:
-                name = signal.Signals(sig).name if sig in set(signal.Signals) else f"signal {sig}"
-                res.kind = "killed"
-                res.message = f"killed by {name}" + (" (the CPU-time hard limit or the out-of-memory killer)"
-                                                     if sig == signal.SIGKILL else "")
-        else:
-            last = stderr.strip().splitlines()[-1][:200] if stderr.strip() else ""
-            res.kind = "exited"
-            res.message = f"the program exited (code {rc}) before its tests finished" + (f": {last}" if last else "")
-        return res
+        return _result(got, ended, duration, proc.returncode, limits, s.namespaces)
 
     # ---- many programs -----------------------------------------------------------------------------
     def run_many(self, programs, workers: Optional[int] = None, on_result=None):
@@ -527,6 +449,120 @@ class Sandbox:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return results
+
+
+def _child_config(prog, work, limits, s, uid):
+    """The bootstrap's JSON config (its "result_fd" still None) and the environment for one run."""
+    nproc = limits.nproc
+    if not (s.drop_uid or s.user_ns):  # RLIMIT_NPROC counts all of this user's processes
+        nproc += _user_tasks(os.getuid())
+    cfg = {"program": str(prog), "dir": str(work), "result_fd": None, "uid": uid,
+           "private_tmp": s.private_tmp, "readonly": s.readonly, "drop_caps": s.user_ns,
+           "block_network": not s.namespaces, "supervise": s.namespaces,
+           "alarm": int(math.ceil(limits.timeout)) + 5, "nr_mount_setattr": _NR_MOUNT_SETATTR,
+           "limits": {"as": limits.memory_mb << 20, "cpu": limits.cpu_seconds(), "fsize": limits.file_mb << 20,
+                      "nofile": limits.nofile, "nproc": nproc}}
+    tmp = "/tmp" if s.private_tmp else str(work)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
+           "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    return cfg, env
+
+
+def _pump(proc, r, start, limits, stop):
+    """Read the program's stdout and stderr and the report pipe `r` until it exits (and 0.5 s more while
+    something still holds its pipes), its wall-clock time runs out or `stop` is set; then kill its process
+    group, wait for it, drain the pipes for up to 1 s and close them all.
+
+    Returns ({"stdout" | "stderr" | "report": (bytes kept, bytes cut)}, ended) with ended None (it exited),
+    "timeout" or "cancelled"."""
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray(), r: bytearray()}
+    cut = {fd: 0 for fd in bufs}
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        sel.register(fd, selectors.EVENT_READ)
+    ended = None
+    exited_at = None
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if proc.poll() is not None and exited_at is None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > 0.5:
+                break  # ended, but something still holds its pipes: it is killed below
+            if exited_at is None and now - start > limits.timeout:
+                ended = "timeout"
+                break
+            if stop is not None and stop.is_set():
+                ended = "cancelled"
+                break
+            _read_ready(sel, bufs, cut, limits.output_bytes, r)
+    finally:
+        _kill_group(proc.pid)
+        proc.wait()
+        deadline = time.monotonic() + 1.0
+        while sel.get_map() and time.monotonic() < deadline:
+            _read_ready(sel, bufs, cut, limits.output_bytes, r)
+        sel.close()
+        os.close(r)
+        proc.stdout.close()
+        proc.stderr.close()
+    names = {out_fd: "stdout", err_fd: "stderr", r: "report"}
+    return {names[fd]: (bufs[fd], cut[fd]) for fd in bufs}, ended
+
+
+def _read_ready(sel, bufs, cut, output_bytes, report_fd):
+    """One select (50 ms at most), then read each ready pipe (the report pipe keeps up to 64 KiB)."""
+    for key, _ in sel.select(timeout=0.05):
+        _read(key.fd, sel, bufs, cut, output_bytes if key.fd != report_fd else 65536)
+
+
+def _result(got, ended, duration, returncode, limits, namespaces):
+    """The Result of one run from what _pump collected, how the run ended and the return code."""
+    (out, out_cut), (err, err_cut) = got["stdout"], got["stderr"]
+    res = Result("error", stdout=_text(out, out_cut), stderr=_text(err, err_cut), truncated=bool(out_cut or err_cut),
+                 duration=duration, returncode=returncode)
+    if ended == "cancelled":
+        res.kind, res.message = "cancelled", "the evaluation stopped before this program finished"
+        return res
+    if ended == "timeout":
+        res.status, res.kind, res.message = "timeout", "wall_clock", f"still running after {limits.timeout:g} s"
+        return res
+    lines = [l for l in bytes(got["report"][0]).decode("utf-8", "replace").splitlines() if l.strip()]
+    if lines:
+        return _from_report(res, lines[-1])
+    return _from_exit(res, namespaces)
+
+
+def _from_report(res, line):
+    """Fill res from the bootstrap's last report line (a bad line is an error of kind bad_report)."""
+    try:
+        rep = json.loads(line)
+        res.status, res.kind, res.message = rep["status"], rep["kind"], rep["message"]
+        if res.status not in STATUSES:
+            raise ValueError(res.status)
+    except (ValueError, KeyError, TypeError):
+        res.status, res.kind, res.message = "error", "bad_report", line[:200]
+    return res
+
+
+def _from_exit(res, namespaces):
+    """Fill res for a program that wrote no report: killed by a signal, or exited before its tests finished."""
+    rc = res.returncode
+    sig = -rc if rc is not None and rc < 0 else rc - 128 if namespaces and rc and rc > 128 else None
+    if sig:  # killed by a signal (in namespaces the supervisor exits with 128 + its number)
+        if sig == signal.SIGXCPU:
+            res.status, res.kind, res.message = "timeout", "cpu_time", "the CPU-time limit was reached"
+        else:
+            name = signal.Signals(sig).name if sig in set(signal.Signals) else f"signal {sig}"
+            res.kind = "killed"
+            res.message = f"killed by {name}" + (" (the CPU-time hard limit or the out-of-memory killer)"
+                                                 if sig == signal.SIGKILL else "")
+    else:
+        last = res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else ""
+        res.kind = "exited"
+        res.message = f"the program exited (code {rc}) before its tests finished" + (f": {last}" if last else "")
+    return res
 
 
 def _read(fd, sel, bufs, cut, limit):

@@ -157,10 +157,10 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
     from utils import packing
     from utils.peft_methods import cpu_has_bf16
 
-    plan, notes, undo = {}, [], []
+    plan, why, undo = {}, {}, []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    plan["bf16"], why_bf16 = decide_bf16(train_args.bf16, torch.cuda.is_available(), cpu_has_bf16(),
-                                         str(dtype).replace("torch.", ""), bool(quant_bits))
+    plan["bf16"], why["bf16"] = decide_bf16(train_args.bf16, torch.cuda.is_available(), cpu_has_bf16(),
+                                            str(dtype).replace("torch.", ""), bool(quant_bits))
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = hf_model.config
     plan["attention"] = getattr(config, "_attn_implementation", None)
@@ -172,67 +172,84 @@ def speed_plan(model, train, data_args, train_args, peft_type, pad_token_id, qua
         if config._attn_implementation == fast:
             plan["attention"] = fast
             undo.append(lambda: hf_model.set_attn_implementation("sdpa"))
-
-    def packing_check():
-        if data_args.packing == "off":
-            return False, "--packing off"
-        if not capability(peft_type, "packing"):
-            if data_args.packing == "on":
-                raise UserError(f"--packing on cannot be used with --peft_type {peft_type}: its virtual tokens / "
-                                "key-value prefix own the positions and the attention mask; use --packing off")
-            return False, f"{peft_type} prepends virtual tokens"
-        ok, why = packing.check_packing(model)
-        if not ok and data_args.packing == "on":
-            raise UserError(f"--packing on: this model's attention does not keep packed samples apart ({why}); "
-                            "use --packing off")
-        return ok, why
-
-    plan["packing"], why_packing = packing_check()
+    plan["packing"], why["packing"] = _packing_check(model, data_args.packing, peft_type)
     coef = packing.attention_cost_per_position(config)
+
     def make_collator():
         return (packing.PackingCollator(pad_token_id, data_args.cutoff_len, coef) if plan["packing"]
-                                 else PadCollator(pad_token_id))
-    plan["selective_loss"], why_selective = False, f"{peft_type} keeps the model's own loss"
+                else PadCollator(pad_token_id))
+
+    plan["selective_loss"], why["selective"] = False, f"{peft_type} keeps the model's own loss"
     if capability(peft_type, "selective_loss"):
-        plan["selective_loss"], why_selective = packing.check_selective_loss(model)
-    if plan["bf16"] and train_args.bf16 == "auto":
-        probe = make_collator()([train[i] for i in range(min(len(train), 4))])
-        fp32, bf16 = packing.batch_loss(model, probe), packing.batch_loss(model, probe, bf16=True)
-        gap = abs(bf16 - fp32) / max(abs(fp32), 1e-6)
-        plan["bf16_check"] = {"fp32_loss": round(fp32, 5), "bf16_loss": round(bf16, 5), "relative_gap": round(gap, 5)}
-        if gap > BF16_LOSS_TOLERANCE:
-            plan["bf16"], why_bf16 = False, (f"first-batch loss {bf16:.4f} in bf16 vs {fp32:.4f} in fp32 is "
-                                             f"{100 * gap:.1f}% apart (> {100 * BF16_LOSS_TOLERANCE:.0f}%)")
-            while undo:  # back to the model's own attention, and check packing again with it
-                undo.pop()()
-            plan["attention"] = config._attn_implementation
-            plan["packing"], why_packing = packing_check()
-        else:
-            why_bf16 += f"; first-batch loss {bf16:.4f} vs {fp32:.4f} in fp32 ({100 * gap:.2f}% apart)"
-    group = data_args.group_by_length
-    auto_group = not plan["packing"] and data_args.packing == "auto"
+        plan["selective_loss"], why["selective"] = packing.check_selective_loss(model)
+    if plan["bf16"] and train_args.bf16 == "auto" and not _bf16_probe(model, train, make_collator(), plan, why):
+        while undo:  # back to the model's own attention, and check packing again with it
+            undo.pop()()
+        plan["attention"] = config._attn_implementation
+        plan["packing"], why["packing"] = _packing_check(model, data_args.packing, peft_type)
+    group, auto_group = data_args.group_by_length, not plan["packing"] and data_args.packing == "auto"
     plan["group_by_length"] = bool(group) if group is not None else auto_group
     if plan["group_by_length"] and "length" not in train.column_names:
         import pyarrow.compute as pc
 
         train = train.add_column("length", pc.list_value_length(train.with_format("arrow")[:]["input_ids"]).to_pylist())
-    notes.append(f"packing on (each batch's samples in rows of <= {data_args.cutoff_len} tokens, per-sample "
-                 f"position_ids; isolation checked: {why_packing})" if plan["packing"]
-                 else f"packing off ({why_packing})")
+    plan["micro_batch"], why["micro"] = decide_micro_batch(train_args.micro_batch_size,
+                                                           train_args.per_gpu_train_batch_size,
+                                                           torch.cuda.is_available())
+    plan["summary"] = _speed_summary(plan, why, data_args.cutoff_len, train_args.per_gpu_train_batch_size,
+                                     bool(undo))
+    return plan, make_collator(), train, undo
+
+
+def _packing_check(model, packing_flag, peft_type):
+    """(packing on?, why): --packing off / auto / on against the method's capability and the model's attention."""
+    from utils import packing
+
+    if packing_flag == "off":
+        return False, "--packing off"
+    if not capability(peft_type, "packing"):
+        if packing_flag == "on":
+            raise UserError(f"--packing on cannot be used with --peft_type {peft_type}: its virtual tokens / "
+                            "key-value prefix own the positions and the attention mask; use --packing off")
+        return False, f"{peft_type} prepends virtual tokens"
+    ok, why = packing.check_packing(model)
+    if not ok and packing_flag == "on":
+        raise UserError(f"--packing on: this model's attention does not keep packed samples apart ({why}); "
+                        "use --packing off")
+    return ok, why
+
+
+def _bf16_probe(model, train, collator, plan, why):
+    """--bf16 auto: the first batch's loss in bf16 against fp32; False (and bf16 off, with the reason) when they are
+    further apart than BF16_LOSS_TOLERANCE."""
+    from utils import packing
+
+    probe = collator([train[i] for i in range(min(len(train), 4))])
+    fp32, bf16 = packing.batch_loss(model, probe), packing.batch_loss(model, probe, bf16=True)
+    gap = abs(bf16 - fp32) / max(abs(fp32), 1e-6)
+    plan["bf16_check"] = {"fp32_loss": round(fp32, 5), "bf16_loss": round(bf16, 5), "relative_gap": round(gap, 5)}
+    if gap > BF16_LOSS_TOLERANCE:
+        plan["bf16"], why["bf16"] = False, (f"first-batch loss {bf16:.4f} in bf16 vs {fp32:.4f} in fp32 is "
+                                            f"{100 * gap:.1f}% apart (> {100 * BF16_LOSS_TOLERANCE:.0f}%)")
+        return False
+    why["bf16"] += f"; first-batch loss {bf16:.4f} vs {fp32:.4f} in fp32 ({100 * gap:.2f}% apart)"
+    return True
+
+
+def _speed_summary(plan, why, cutoff_len, batch, attention_swapped):
+    """The one line the run prints (and the metadata keeps) about the fast paths chosen and why."""
+    notes = [f"packing on (each batch's samples in rows of <= {cutoff_len} tokens, per-sample position_ids; "
+             f"isolation checked: {why['packing']})" if plan["packing"] else f"packing off ({why['packing']})"]
     if plan["group_by_length"]:
         notes.append("length-grouped batches")
-    notes.append("logits only at trained positions" if plan["selective_loss"] else f"full logits ({why_selective})")
-    notes.append(f"bf16 autocast {'on' if plan['bf16'] else 'off'} ({why_bf16})")
-    if plan["bf16"] and plan["attention"] != "sdpa" and undo:
+    notes.append("logits only at trained positions" if plan["selective_loss"] else f"full logits ({why['selective']})")
+    notes.append(f"bf16 autocast {'on' if plan['bf16'] else 'off'} ({why['bf16']})")
+    if plan["bf16"] and plan["attention"] != "sdpa" and attention_swapped:
         notes.append(f"attention: {plan['attention']} while training (sdpa's bf16 CPU kernel is slower)")
-    plan["micro_batch"], why_micro = decide_micro_batch(train_args.micro_batch_size,
-                                                        train_args.per_gpu_train_batch_size,
-                                                        torch.cuda.is_available())
-    if plan["micro_batch"] < train_args.per_gpu_train_batch_size:
-        notes.append(f"each batch of {train_args.per_gpu_train_batch_size} runs as passes of {plan['micro_batch']} "
-                     f"samples with summed gradients ({why_micro})")
-    plan["summary"] = "; ".join(notes)
-    return plan, make_collator(), train, undo
+    if plan["micro_batch"] < batch:
+        notes.append(f"each batch of {batch} runs as passes of {plan['micro_batch']} samples with summed gradients "
+                     f"({why['micro']})")
+    return "; ".join(notes)
 
 
 def world_size():
@@ -533,16 +550,9 @@ def build_run(model_args, data_args, peft_args, train_args):
     set_seed(train_args.seed)  # adapter init (e.g. LoRA A) depends on --seed alone: runs are reproducible
     model, callbacks = attach_adapter(model, peft_args, spec, total_steps, train_args.gradient_checkpointing,
                                       vocab_plan)
-    trainable, total = count_parameters(model)
-    global_batch = train_args.per_gpu_train_batch_size * train_args.gradient_accumulation_steps * world_size()
-    if main:
-        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
-        print(f"batch: global {global_batch} = {train_args.per_gpu_train_batch_size} per device x "
-              f"{train_args.gradient_accumulation_steps} accumulation x {world_size()} processes; {total_steps} "
-              "optimizer steps")
+    trainable, total, global_batch = report_scale(model, train_args, total_steps)
 
     from utils.packing import FastTrainer
-    from utils.trainer import ThroughputCallback
 
     speed, collator, train, undo = speed_plan(model, train, data_args, train_args, peft_args.peft_type,
                                               tokenizer.pad_token_id, quant_bits)
@@ -551,14 +561,33 @@ def build_run(model_args, data_args, peft_args, train_args):
     trainer = FastTrainer(model=model, args=_training_arguments(train_args, str(output_dir), bool(val), speed),
                           train_dataset=train, eval_dataset=val or None, data_collator=collator, callbacks=callbacks)
     trainer.selective, trainer.after_train = speed["selective_loss"], undo
-    trainer.throughput = ThroughputCallback(trainer.callback_handler)
-    trainer.add_callback(trainer.throughput)
+    add_throughput(trainer)
     meta = run_meta(setup, model_args, data_args, peft_args, train_args, trainable, total, report, global_batch, speed)
     if vocab_plan is not None:
         vocab.check_ranks(vocab_plan)  # under torchrun every process must have added the same tokens
         meta[vocab.META_KEY] = vocab_plan.to_meta()
     return Run((model_args, data_args, peft_args, train_args), trainer, model, tokenizer, template, train, val,
                report, meta, output_dir, resume)
+
+
+def report_scale(model, train_args, total_steps):
+    """(trainable parameters, all parameters, global batch), printed by rank 0 as every stage does."""
+    trainable, total = count_parameters(model)
+    global_batch = train_args.per_gpu_train_batch_size * train_args.gradient_accumulation_steps * world_size()
+    if is_main_process():
+        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
+        print(f"batch: global {global_batch} = {train_args.per_gpu_train_batch_size} per device x "
+              f"{train_args.gradient_accumulation_steps} accumulation x {world_size()} processes; {total_steps} "
+              "optimizer steps")
+    return trainable, total, global_batch
+
+
+def add_throughput(trainer):
+    """The tokens/s callback (utils/trainer.py) on a Trainer of any stage; finish_run reads trainer.throughput."""
+    from utils.trainer import ThroughputCallback
+
+    trainer.throughput = ThroughputCallback(trainer.callback_handler)
+    trainer.add_callback(trainer.throughput)
 
 
 def finish_run(run, result, runtime):

@@ -140,8 +140,23 @@ def judge_request(prompts, q, turn, answers):
 
 
 def run(ctx):
-    eval_args, gen_args, out_dir, handle = ctx.eval_args, ctx.gen_args, Path(ctx.out_dir), ctx.handle
+    eval_args, out_dir = ctx.eval_args, Path(ctx.out_dir)
     questions, first = _questions(eval_args)
+    _answer(ctx, questions, out_dir)
+    if not eval_args.judge_base_url:
+        print("no --judge_base_url: answers generated and cached; pass --judge_base_url and --judge_model to grade "
+              "them")
+        return {"metrics": {"n": len(questions), "judged": 0, "score": None}, "categories": {},
+                "table": "answers generated; no judge given\n"}
+    prompts = load_judge_prompts(ctx.flags.mt_bench_judge_prompts or first.parent / "judge_prompts.jsonl")
+    grades = _grade(eval_args, questions, prompts, out_dir)
+    return _report(questions, grades, eval_args.judge_model)
+
+
+def _answer(ctx, questions, out_dir):
+    """Sets q["answers"]: both turns of each question, generated where not cached (cache: mt_bench-<fingerprint>.jsonl;
+    turn 1 of every question first, then turn 2 with turn 1's cached answer in the history)."""
+    eval_args, gen_args, handle = ctx.eval_args, ctx.gen_args, ctx.handle
     fingerprint = digest({"task": "mt_bench", "model": handle.identity(), "gen": asdict(gen_args)})
     cache = ItemCache(out_dir / "cache" / f"mt_bench-{fingerprint}.jsonl")
     for q in questions:
@@ -160,12 +175,7 @@ def run(ctx):
             loaded = handle.load()
             model, tokenizer, template, _ = loaded
             kwargs = generation_kwargs(gen_args, tokenizer, template)
-        for q in todo:
-            msgs = [{"role": "user", "content": q["turns"][0]}]
-            if turn == 2:
-                msgs += [{"role": "assistant", "content": cache[f"{q['key']}:t1"]["answer"]},
-                         {"role": "user", "content": q["turns"][1]}]
-            q["ids"] = template.prompt_ids(tokenizer, msgs)
+        _set_prompt_ids(todo, turn, cache, tokenizer, template)
         todo.sort(key=lambda q: len(q["ids"]))
         for batch in batches(todo, eval_args.batch_size):
             texts = generate_batch(model, tokenizer, [q["ids"] for q in batch], kwargs)
@@ -176,23 +186,37 @@ def run(ctx):
     bar.close()
     for q in questions:
         q["answers"] = [cache[f"{q['key']}:t{t}"]["answer"] for t in range(1, len(q["turns"]) + 1)]
-    if not eval_args.judge_base_url:
-        print("no --judge_base_url: answers generated and cached; pass --judge_base_url and --judge_model to grade "
-              "them")
-        return {"metrics": {"n": len(questions), "judged": 0, "score": None}, "categories": {},
-                "table": "answers generated; no judge given\n"}
-    prompts = load_judge_prompts(ctx.flags.mt_bench_judge_prompts or first.parent / "judge_prompts.jsonl")
-    judge = judge_from_args(eval_args, "mt_bench")
-    jcache = ItemCache(out_dir / "cache" / "judge.jsonl")  # keyed by judge model + the exact messages
+
+
+def _set_prompt_ids(todo, turn, cache, tokenizer, template):
+    """Sets q["ids"]: the prompt of `turn` (turn 2: turn 1, its cached answer and the second question)."""
+    for q in todo:
+        msgs = [{"role": "user", "content": q["turns"][0]}]
+        if turn == 2:
+            msgs += [{"role": "assistant", "content": cache[f"{q['key']}:t1"]["answer"]},
+                     {"role": "user", "content": q["turns"][1]}]
+        q["ids"] = template.prompt_ids(tokenizer, msgs)
+
+
+def _judge_jobs(prompts, questions, jcache, judge_model):
+    """(jobs, grades): the (jkey, system, message) requests not yet in jcache (each once), and one grade per turn."""
     jobs, queued, grades = [], set(), []
     for q in questions:
         for turn in range(1, len(q["turns"]) + 1):
             name, system, message = judge_request(prompts, q, turn, q["answers"])
-            jkey = digest([eval_args.judge_model, system, message])
+            jkey = digest([judge_model, system, message])
             grades.append({"id": q["id"], "category": q["category"], "turn": turn, "prompt": name, "jkey": jkey})
             if jkey not in jcache and jkey not in queued:
                 queued.add(jkey)
                 jobs.append((jkey, system, message))
+    return jobs, grades
+
+
+def _grade(eval_args, questions, prompts, out_dir):
+    """The grades of every turn, the judge asked where its answer is not cached (cache/judge.jsonl)."""
+    judge = judge_from_args(eval_args, "mt_bench")
+    jcache = ItemCache(out_dir / "cache" / "judge.jsonl")  # keyed by judge model + the exact messages
+    jobs, grades = _judge_jobs(prompts, questions, jcache, eval_args.judge_model)
     bar = progress(len(grades), len(grades) - len(jobs), "mt_bench judge")
 
     def ask(job):
@@ -205,7 +229,7 @@ def run(ctx):
     bar.close()
     for g in grades:
         g["score"] = parse_rating(jcache[g.pop("jkey")]["response"])
-    return _report(questions, grades, eval_args.judge_model)
+    return grades
 
 
 def _stats(grades):

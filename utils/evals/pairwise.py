@@ -305,9 +305,23 @@ def judge_message(question, answer_a, answer_b):
 
 
 def run(ctx):
-    eval_args, flags, gen_args, out_dir, handle = ctx.eval_args, ctx.flags, ctx.gen_args, Path(ctx.out_dir), ctx.handle
-    mode = _b_mode(flags)
+    eval_args, out_dir = ctx.eval_args, Path(ctx.out_dir)
+    mode = _b_mode(ctx.flags)
     items, report = _items(eval_args)
+    items, out_a, out_b, b_label, skipped = _answers(ctx, items, mode, out_dir)
+    _set_answers(ctx.handle, items, out_a, out_b)
+    if not eval_args.judge_base_url:
+        print("no --judge_base_url: answers generated and cached; pass --judge_base_url and --judge_model to judge "
+              "them")
+        return _report(items, None, b_label, report, skipped)
+    _judge(eval_args, items, out_dir)
+    return _report(items, eval_args.judge_model, b_label, report, skipped)
+
+
+def _answers(ctx, items, mode, out_dir):
+    """(items, A's answers, B's answers, B's label, rows skipped): A generated, and B read (--pairwise_reference,
+    --data) or generated (--pairwise_lora_dir, --pairwise_base) after A's model is released."""
+    eval_args, flags, gen_args, handle = ctx.eval_args, ctx.flags, ctx.gen_args, ctx.handle
     b_label = {"reference": f"reference {flags.pairwise_reference}", "data": "the answers in --data",
                "adapter": f"adapter {flags.pairwise_lora_dir}", "base": "the base model"}[mode]
     skipped = 0
@@ -327,17 +341,21 @@ def run(ctx):
         out_b = _generate(b_handle, items, eval_args, gen_args, out_dir, "B")
         b_handle.release()
         b_label += f" ({b_handle.describe()['adapter'] or b_handle.describe()['base_model']})"
+    return items, out_a, out_b, b_label, skipped
+
+
+def _set_answers(handle, items, out_a, out_b):
+    """Sets each item's answers "a", "b" and their lengths "tokens_a", "tokens_b" (the evaluated model's tokenizer)."""
     tokenizer = handle.tokenizer()
     for it in items:
         it["a"], it["b"] = out_a[it["key"]], out_b[it["key"]]
         it["tokens_a"], it["tokens_b"] = (len(tokenizer(t, add_special_tokens=False)["input_ids"])
                                           for t in (it["a"], it["b"]))
-    if not eval_args.judge_base_url:
-        print("no --judge_base_url: answers generated and cached; pass --judge_base_url and --judge_model to judge "
-              "them")
-        return _report(items, None, b_label, report, skipped)
-    judge = judge_from_args(eval_args, "pairwise")
-    jcache = ItemCache(out_dir / "cache" / "judge.jsonl")  # keyed by judge model + message: shared by every model
+
+
+def _judge_jobs(items, jcache, judge_model):
+    """Sets each item's "identical" and, when not, its two "messages" (A first, B first) and their "jkeys"; returns
+    the (jkey, message) requests not yet in jcache, each once."""
     jobs, queued = [], set()
     for it in items:
         it["identical"] = _norm(it["a"]) == _norm(it["b"])
@@ -345,11 +363,19 @@ def run(ctx):
             continue
         q = conversation_text(it["prompt"])
         it["messages"] = [judge_message(q, it["a"], it["b"]), judge_message(q, it["b"], it["a"])]  # A first, B first
-        it["jkeys"] = [digest([eval_args.judge_model, m]) for m in it["messages"]]
+        it["jkeys"] = [digest([judge_model, m]) for m in it["messages"]]
         for jkey, message in zip(it["jkeys"], it["messages"]):
             if jkey not in jcache and jkey not in queued:
                 queued.add(jkey)
                 jobs.append((jkey, message))
+    return jobs
+
+
+def _judge(eval_args, items, out_dir):
+    """Sets each item's "verdicts" and "scores" (both orders), the judge asked where not cached (cache/judge.jsonl)."""
+    judge = judge_from_args(eval_args, "pairwise")
+    jcache = ItemCache(out_dir / "cache" / "judge.jsonl")  # keyed by judge model + message: shared by every model
+    jobs = _judge_jobs(items, jcache, eval_args.judge_model)
     bar = progress(2 * len(items), 2 * len(items) - len(jobs), "pairwise judge")
 
     def ask(job):
@@ -367,7 +393,6 @@ def run(ctx):
             continue
         it["verdicts"] = [parse_verdict(jcache[k]["response"]) for k in it["jkeys"]]
         it["scores"] = [order_score(it["verdicts"][0], True), order_score(it["verdicts"][1], False)]
-    return _report(items, eval_args.judge_model, b_label, report, skipped)
 
 
 def _mean(values):
