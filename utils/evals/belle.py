@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from utils.errors import UserError
-from utils.evals.common import ItemCache, digest, excluded_prompts, md_table, progress, prompt_key
+from utils.evals.common import ItemCache, digest, excluded_prompts, local_rows, md_table, progress, prompt_key
 from utils.evals.judge import judge_from_args, run_all
 from utils.evals.scoring import parse_judge_score
 
@@ -57,35 +57,18 @@ def judge_message(prompt, question, std_answer, answer):
 
 
 def _belle_rows(eval_args):
-    from utils.data import iter_rows, resolve_sources
+    excluded = excluded_prompts(eval_args) if eval_args.exclude_data else set()
 
-    excluded = set()
-    if eval_args.exclude_data:
-        excluded = excluded_prompts(eval_args)
-    rows, first = [], None
-    for src in resolve_sources(eval_args.data):
-        if src.count is not None:
-            raise UserError(f"--task belle reads whole files; use --limit instead of ':{src.count:g}'")
-        if not src.paths:
-            raise UserError(f"--task belle needs local files; '{src.label}' is not one")
-        n = 0
-        for path in src.paths:
-            first = first or Path(path)
-            for where, row, _ in iter_rows(Path(path)):
-                if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                    raise UserError(f"{where} needs a 'question' field (Belle-eval rows: question, std_answer, class)")
-                ref = row.get("std_answer", row.get("answer"))
-                msgs = [{"role": "user", "content": row["question"], "input": ""}]
-                if prompt_key(msgs) in excluded:
-                    continue
-                if eval_args.limit and n >= eval_args.limit:
-                    break
-                rows.append({"source": src.label, "question": row["question"], "std_answer": str(ref or ""),
-                             "class": _norm_class(row.get("class") or "unknown")})
-                n += 1
-    if not rows:
-        raise UserError(f"no rows to evaluate in --data {' '.join(eval_args.data)}")
-    return rows, first
+    def make_row(where, row, source, n):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise UserError(f"{where} needs a 'question' field (Belle-eval rows: question, std_answer, class)")
+        if prompt_key([{"role": "user", "content": row["question"], "input": ""}]) in excluded:
+            return None
+        ref = row.get("std_answer", row.get("answer"))
+        return {"source": source, "question": row["question"], "std_answer": str(ref or ""),
+                "class": _norm_class(row.get("class") or "unknown")}
+
+    return local_rows(eval_args, "belle", make_row)
 
 
 def run(ctx):

@@ -221,6 +221,35 @@ def conversation_items(eval_args, need_answer=True):
     return out, report
 
 
+def local_rows(eval_args, task, make_row, what="rows to evaluate"):
+    """The rows of --data's local files for a task that reads whole files, and the first file (for messages).
+
+    make_row(where, row, source label, index in the source) checks one row (a UserError naming `where` for a bad
+    one) and returns the item, or None to skip it; --limit counts the items of each source."""
+    from utils.data import iter_rows, resolve_sources
+
+    rows, first = [], None
+    for src in resolve_sources(eval_args.data):
+        if src.count is not None:
+            raise UserError(f"--task {task} reads whole files; use --limit instead of ':{src.count:g}'")
+        if not src.paths:
+            raise UserError(f"--task {task} needs local files; '{src.label}' is not one")
+        n = 0
+        for path in src.paths:
+            first = first or Path(path)
+            for where, row, _ in iter_rows(Path(path)):
+                item = make_row(where, row, src.label, n)
+                if item is None:
+                    continue
+                if eval_args.limit and n >= eval_args.limit:
+                    break
+                rows.append(item)
+                n += 1
+    if not rows:
+        raise UserError(f"no {what} in --data {' '.join(eval_args.data)}")
+    return rows, first
+
+
 def md_table(headers, rows):
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from utils.errors import UserError
-from utils.evals.common import ItemCache, batches, digest, md_table, progress
+from utils.evals.common import ItemCache, batches, digest, local_rows, md_table, progress
 from utils.evals.judge import judge_from_args, run_all
 
 NAME = "mt_bench"
@@ -74,32 +74,15 @@ def load_judge_prompts(path):
 
 
 def _questions(eval_args):
-    from utils.data import iter_rows, resolve_sources
+    def make_row(where, row, source, n):
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not 1 <= len(turns) <= 2 or not all(isinstance(t, str) for t in turns):
+            raise UserError(f"{where} needs 'turns', a list of one or two strings (MT-bench's question.jsonl)")
+        ref = row.get("reference")
+        return {"id": str(row.get("question_id", f"{source}#{n}")), "category": str(row.get("category") or "unknown"),
+                "turns": turns, "reference": [str(r) for r in ref] if isinstance(ref, list) else []}
 
-    rows, first = [], None
-    for src in resolve_sources(eval_args.data):
-        if src.count is not None:
-            raise UserError(f"--task mt_bench reads whole files; use --limit instead of ':{src.count:g}'")
-        if not src.paths:
-            raise UserError(f"--task mt_bench needs local files; '{src.label}' is not one")
-        n = 0
-        for path in src.paths:
-            first = first or Path(path)
-            for where, row, _ in iter_rows(Path(path)):
-                turns = row.get("turns") if isinstance(row, dict) else None
-                if not isinstance(turns, list) or not 1 <= len(turns) <= 2 \
-                        or not all(isinstance(t, str) for t in turns):
-                    raise UserError(f"{where} needs 'turns', a list of one or two strings (MT-bench's question.jsonl)")
-                if eval_args.limit and n >= eval_args.limit:
-                    break
-                ref = row.get("reference")
-                ref = [str(r) for r in ref] if isinstance(ref, list) else []
-                rows.append({"id": str(row.get("question_id", f"{src.label}#{n}")), "category":
-                             str(row.get("category") or "unknown"), "turns": turns, "reference": ref})
-                n += 1
-    if not rows:
-        raise UserError(f"no questions in --data {' '.join(eval_args.data)}")
-    return rows, first
+    return local_rows(eval_args, "mt_bench", make_row, "questions")
 
 
 def check(eval_args, flags, gen_args=None):
