@@ -38,6 +38,7 @@ BF16_CONFIGS = {
 FP32_CONFIGS = {
     "ours (default)": (True, True, False, "sdpa", 4),
     "whole batch per pass": (True, True, False, "sdpa", 8),
+    "passes of 2": (True, True, False, "sdpa", 2),
     "sdpa in bf16": None,
     "eager attention": (True, True, False, "eager", 4),
     "no packing (padded)": (False, True, False, "sdpa", 4),
