@@ -145,6 +145,19 @@ def test_tokens_already_known_are_skipped_and_a_file_of_only_those_is_refused(to
         vocab.extend_tokenizer(copy.deepcopy(tokenizer), str(path))
 
 
+def test_a_token_file_with_a_byte_order_mark_or_crlf_lines_reads_the_same(tokenizer, tmp_path):
+    from utils import vocab
+    from utils.errors import UserError
+
+    plain, marked, gbk = tmp_path / "plain.txt", tmp_path / "bom.txt", tmp_path / "gbk.txt"
+    plain.write_text("北京\n上海\n", encoding="utf-8")
+    marked.write_bytes("\ufeff北京\r\n上海\r\n".encode("utf-8"))
+    assert vocab.read_token_file(marked) == vocab.read_token_file(plain) == ["北京", "上海"]
+    gbk.write_bytes("北京\n".encode("gbk"))
+    with pytest.raises(UserError, match="is not UTF-8 text; save it as UTF-8"):
+        vocab.read_token_file(gbk)
+
+
 def _belle_texts():
     rows = [json.loads(line) for line in (SHARED_DATA / "belle_eval" / "eval_set_dev.jsonl").read_text(
         encoding="utf-8").splitlines() if line.strip()]

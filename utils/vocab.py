@@ -136,9 +136,10 @@ def masked(peft_type):
 
 # ---- which tokens ---------------------------------------------------------------------------------------------------
 def read_token_file(path):
-    """The tokens of a file, one a line, in order, without duplicates (line breaks stripped, nothing else)."""
+    """The tokens of a file, one a line, in order, without duplicates (a UTF-8 byte-order mark and line breaks
+    stripped, nothing else: a token may begin or end with a space)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"--extend_vocab {path} is not UTF-8 text; save it as UTF-8 with one token per line") from None
     tokens = list(dict.fromkeys(line.rstrip("\r") for line in lines if line.strip()))
