@@ -576,3 +576,22 @@ def test_ddp_two_processes_learn_the_same_tokens(tiny_llama_dir, zh_rows, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((tmp_path / "out" / "finetune_meta.json").read_text(encoding="utf-8"))
     assert meta["world_size"] == 2 and len(meta["vocab_extension"]["tokens"]) == 16
+
+
+def test_a_resumed_extended_run_ends_as_the_uninterrupted_one(tiny_llama_dir, zh_rows, token_file, tmp_path):
+    """--resume_from_checkpoint on an --extend_vocab run: the same tokens at the same ids, the same final tensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    extra = ("--extend_vocab", token_file, "--max_steps", 4, "--save_steps", 2, "--learning_rate", "0.01")
+    assert _train_cli(tiny_llama_dir, zh_rows, tmp_path / "full", *extra).returncode == 0
+    (tmp_path / "cut").mkdir()  # only the step-2 checkpoint survives the "interruption"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    res = _train_cli(tiny_llama_dir, zh_rows, tmp_path / "cut", *extra, "--resume_from_checkpoint", "latest")
+    assert res.returncode == 0, res.stderr
+    assert "checkpoint-2" in res.stdout
+    full, cut = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "cut"))
+    assert sorted(full) == sorted(cut) and all(full[k].equal(cut[k]) for k in full)
+    meta = [json.loads((tmp_path / d / "finetune_meta.json").read_text())["vocab_extension"] for d in ("full", "cut")]
+    assert meta[0] == meta[1]
