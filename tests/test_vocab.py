@@ -294,6 +294,15 @@ METHODS = [("lora", True), ("lora", False), ("dora", True), ("adalora", True), (
            ("loha", False), ("lokr", True), ("vera", True), ("ia3", False), ("freeze", True), ("freeze", False)]
 
 
+def test_every_method_that_extends_is_trained_below():
+    """A new preset that can extend the vocabulary joins METHODS (full trains every row: its own tests cover it)."""
+    from utils import vocab
+    from utils.peft_methods import PEFT_TYPES
+
+    extending = {name for name in PEFT_TYPES if vocab.mechanism(name) != "no"} - {"full"}
+    assert extending == {method for method, _ in METHODS}
+
+
 @pytest.mark.parametrize("method, tied", METHODS)
 def test_only_new_rows_and_the_adapter_change(request, token_file, method, tied):
     import torch
