@@ -361,3 +361,29 @@ def test_list_data(capsys):
 
 def test_readme_registry_table_is_generated():
     assert data_lib.registry_table(available=False) in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_an_unreachable_hub_is_one_sentence_without_retries(monkeypatch, tmp_path):
+    """No network: the local hub cache is asked, the network download never (it would retry for ~25 s)."""
+    import huggingface_hub
+
+    from utils import hub
+    from utils.models import resolve_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+    networked = []
+    real = huggingface_hub.hf_hub_download
+
+    def download(*args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            networked.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert not hub.reachable() and hub.cache_only("someone/model") and not hub.cache_only(tmp_path)
+    with pytest.raises(UserError, match=r"could not be downloaded \(hub.invalid cannot be reached from here\)"):
+        data_lib._registry_source("x", {"hub": {"repo": "QingyiSi/Alpaca-CoT", "file": "x.json"}}, None, None)
+    assert networked == []
+    with pytest.raises(UserError, match="cannot find a model at 'someone/model'"):
+        resolve_model("someone/model")

@@ -108,12 +108,15 @@ def _hub_file(name, repo, filename):
     except Exception:
         pass
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-            raise ConnectionError("HF_HUB_OFFLINE is set")
+        from utils import hub
+
+        if not hub.reachable():  # no retries against a hub this machine cannot reach
+            raise ConnectionError(hub.why_unreachable())
         return hf_hub_download(repo, filename, repo_type="dataset")
     except Exception as exc:  # offline, missing, gated: one sentence, not a traceback
+        why = str(exc) if isinstance(exc, ConnectionError) else type(exc).__name__
         raise UserError(f"dataset '{name}' is not available here: {repo}/{filename} is not in the local hub cache "
-                        f"and could not be downloaded ({type(exc).__name__}); download it on a machine with a "
+                        f"and could not be downloaded ({why}); download it on a machine with a "
                         f"network (`huggingface-cli download --repo-type dataset {repo} {filename}`) or pass a "
                         "local file") from None
 

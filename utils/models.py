@@ -471,8 +471,11 @@ def resolve_model(model_name_or_path=None, model_type=None, trust_remote_code=Fa
         missing = _missing_code(path, raw) if remote else []
         if missing:
             raise _code_unavailable_error(infer_model_type(raw, model_name_or_path, model_type), path, missing)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from utils import hub
+
+    try:  # a hub id while the hub cannot be reached: the local hub cache only (no retries)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=hub.cache_only(path))
     except ValueError as exc:
         if "trust_remote_code" in str(exc):  # a hub checkpoint whose config.json was just fetched
             cached = _hub_cached_config(path)
@@ -502,8 +505,11 @@ def _pick_dtype(dtype):
 def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer
 
+    from utils import hub
+
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=hub.cache_only(path))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from '{path}' ({str(exc).splitlines()[0]}); pass a local model "
                         "directory or a hub id reachable from this machine") from None
@@ -530,7 +536,9 @@ def load_model(path, dtype="auto", trust_remote_code=False, pad_token_id=None, q
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {}
+    from utils import hub
+
+    kwargs = {"local_files_only": True} if hub.cache_only(path) else {}
     if quant_bits:
         kwargs["quantization_config"] = quantization_config(quant_bits)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
