@@ -79,6 +79,7 @@ def test_every_preset_says_how_it_extends_the_vocabulary():
     (dict(extend_vocab="auto:many"), "N in auto:N must be a positive whole number"),
     (dict(extend_vocab="no/such/tokens.txt"), "is neither auto:N nor an existing file"),
     (dict(extend_vocab="auto:8", new_token_init="zeros"), "--new_token_init zeros is not one of mean, random"),
+    (dict(new_token_init="random"), "--new_token_init random applies to the rows --extend_vocab adds"),
     (dict(extend_vocab="auto:8", peft_type="prefix"), "own reference to the original word embedding"),
     (dict(extend_vocab="auto:8", peft_type="prompt"), "own reference to the original word embedding"),
     (dict(extend_vocab="auto:8", peft_type="sadapter_h"), "hold only the bottleneck modules"),

@@ -97,6 +97,9 @@ def check_request(peft_type, extend_vocab, new_token_init="mean", stage="sft", w
     """The mechanism (see MECHANISMS) for a run, or None without --extend_vocab; impossible combinations are one
     sentence, before anything is loaded. engine: None, "deepspeed" or "fsdp" (the sharding engine of the run)."""
     if not extend_vocab:
+        if new_token_init != INITS[0]:
+            raise UserError(f"--new_token_init {new_token_init} applies to the rows --extend_vocab adds; add "
+                            "--extend_vocab FILE or auto:N, or drop --new_token_init")
         return None
     parse_value(extend_vocab)
     if new_token_init not in INITS:
