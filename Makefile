@@ -36,7 +36,7 @@ demo: setup
 
 test: setup setup-dist
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) saved_models .pytest_cache

@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# Under pytest-xdist (`make test` runs `pytest -n auto`, one test file per worker at a time), the workers share the cores: each worker, and every
+# process it starts, gets its share of torch's threads instead of all of them (set before torch is imported;
+# oversubscribed OpenMP threads spin against each other).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 
 def run_script(script, *args, timeout=600, cwd=ROOT):
     """Run one of the project's scripts in a fresh Python process; returns CompletedProcess."""

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2/3 and FSDP for real: 2 gloo CPU processes on a tiny llama train the steps plain DDP trains.
 
 Every training run is shared through the module-scoped `train` fixture (one DDP reference run serves every
-comparison). Each run logs every step and checkpoints every SAVE steps, so the same runs also serve the
+engine's comparison; the per-method ZeRO-3 checks compare with one process on the same global batch, trained in
+the test's own process). Each run logs every step and checkpoints every SAVE steps, so the same runs also serve the
 kill -9 / resume tests. DeepSpeed tests skip where the package is absent (CI installs requirements-dist.txt).
 """
 import json
@@ -24,6 +25,7 @@ RESUME_TOL = 1e-6  # killed + resumed vs uninterrupted, same engine
 HANG_GUARD = 600  # seconds; a guard against a hung collective, never a speed check
 
 ENGINES = {
+    "single": [],  # one process, in the test's own process, with the global batch (2 x 4): no launcher
     "ddp": [],
     "zero2": ["--deepspeed", str(ROOT / "configs" / "ds_zero2.json")],
     "zero3": ["--deepspeed", str(ROOT / "configs" / "ds_zero3.json")],
@@ -57,8 +59,9 @@ def _launcher(nproc=2, nodes=None, port=None):
 
 
 def _train_args(model, data, out, engine, method, steps):
+    batch = "8" if engine == "single" else "4"
     args = ["--model_name_or_path", str(model), "--data", str(data), "--output_dir", str(out), "--peft_type", method,
-            "--cutoff_len", "256", "--per_gpu_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--cutoff_len", "256", "--per_gpu_train_batch_size", batch, "--learning_rate", "1e-3",
             "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", str(SAVE), "--bf16", "off",
             *ENGINES[engine]]
     return args + (["--lora_dropout", "0"] if method == "lora" else [])
@@ -117,10 +120,15 @@ def train(tmp_path_factory, tiny_model, rows):
         if key not in done:
             _needs(engine)
             out = tmp_path_factory.mktemp(f"{engine}_{method}_{steps}")
-            cmd = [*_launcher(), str(ROOT / "uniform_finetune.py"),
-                   *_train_args(tiny_model, rows, out, engine, method, steps)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD, env=_env(), cwd=ROOT)
-            _check(res, f"{engine} {method}")
+            args = _train_args(tiny_model, rows, out, engine, method, steps)
+            if engine == "single":  # no new process: no second import of torch, transformers, peft
+                from uniform_finetune import main
+
+                main(args)
+            else:
+                res = subprocess.run([*_launcher(), str(ROOT / "uniform_finetune.py"), *args], capture_output=True,
+                                     text=True, timeout=HANG_GUARD, env=_env(), cwd=ROOT)
+                _check(res, f"{engine} {method}")
             done[key] = out
         return done[key]
 
@@ -157,11 +165,12 @@ def test_engine_trains_the_steps_of_ddp(engine, train):
 
 @pytest.mark.parametrize("method", ["full", "freeze", "sadapter_p"])
 def test_zero3_saves_complete_tensors(method, train):
-    """ZeRO-3 partitions every weight: the saved ones are gathered first (no zero-sized shards)."""
-    ref, out = train("ddp", method, 2), train("zero3", method, 2)
+    """ZeRO-3 partitions every weight: the saved ones are gathered first (no zero-sized shards), and they are the
+    tensors one process trains on the same global batch (plain DDP = one process: tests/test_scaleout.py)."""
+    ref, out = train("single", method, 2), train("zero3", method, 2)
     tensors = _tensors(out)
     assert tensors and all(t.numel() > 0 for t in tensors.values())
-    _compare(ref, out, f"zero3 vs ddp ({method}, {len(tensors)} tensors)", LOSS_TOL, ADAPTER_TOL)
+    _compare(ref, out, f"zero3 vs one process ({method}, {len(tensors)} tensors)", LOSS_TOL, ADAPTER_TOL)
 
 
 def test_zero3_lora_reloads_in_generate_and_merges(train, tiny_model, tmp_path):
