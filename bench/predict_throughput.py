@@ -40,10 +40,12 @@ print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1}}))
 """
 
 
-def cached_load_seconds(model):
-    """(seconds to import torch + transformers, seconds to load tokenizer + weights) in a fresh process, warm cache."""
+def cached_load_seconds(model, warm=True):
+    """(seconds to import torch + transformers, seconds to load tokenizer + weights) in a fresh process, warm cache
+    (warm=False: no warm-up process first, for the smoke run)."""
     code = LOAD_SNIPPET.format(root=str(ROOT), model=model)
-    subprocess.run([sys.executable, "-c", code], capture_output=True)  # warm the OS file cache
+    if warm:
+        subprocess.run([sys.executable, "-c", code], capture_output=True)  # warm the OS file cache
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     return out["import_s"], out["load_s"]
@@ -83,7 +85,7 @@ def main(argv=None):
     print(f"bench: model {model}; data {data}; batch {a.batch_size}; greedy, max_new_tokens {new}; "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
-    import_s, load_s = cached_load_seconds(model)
+    import_s, load_s = cached_load_seconds(model, warm=not a.quick)
     print(f"model load (cached, fresh process): tokenizer + weights = {load_s:.2f} s, after importing torch + "
           f"transformers = {import_s:.2f} s (paid by any PyTorch program); {import_s + load_s:.2f} s in all")
 

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_inprocess, run_script, start_server, stop_server
+from conftest import ROOT, SHARED_DATA, run_inprocess, start_server, stop_server
 from utils.evals.scoring import (answers_match, extract_choice, extract_final_answer, letter_set, mc_correct,
                               parse_judge_score, parse_number)
 
@@ -119,6 +119,42 @@ def _no_model_load(monkeypatch):
     monkeypatch.setattr(ModelHandle, "load", fail)
 
 
+def test_sequence_logprobs_keep_only_the_needed_logits_and_equal_full_logits(tiny_llama_dir):
+    """The LM head runs at the positions asked for (logits_to_keep) and the log-probs equal those of full logits;
+    prompt learning (virtual tokens before the input) falls back to full logits, with the same answer."""
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from utils.evals.common import sequence_logprobs
+
+    seqs = [[5, 9, 33, 12, 7, 8], [40, 41, 42], [3, 4, 5, 6, 7]]
+    wanted = [([5], [100]), ([1, 2], [7, 8]), ([0, 2, 4], [9, 9, 9])]
+
+    def reference(model, n_virtual=0):
+        out = []
+        for s, (pos, tgt) in zip(seqs, wanted):
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([s])).logits[0, n_virtual:].log_softmax(-1)
+            out.append([lp[p, t].item() for p, t in zip(pos, tgt)])
+        return out
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    seen = []
+    head = lora.get_base_model().lm_head
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    got = sequence_logprobs(lora, seqs, 0, wanted)
+    hook.remove()
+    assert seen == [5]  # positions {0, 1, 2, 4, 5}, not the width 6 x 3 rows
+    assert [g == pytest.approx(r, abs=1e-5) for g, r in zip(got, reference(lora))] == [True] * 3
+    prompt = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    got = sequence_logprobs(prompt, seqs, 0, wanted)
+    assert [g == pytest.approx(r, abs=1e-5) for g, r in zip(got, reference(prompt, 3))] == [True] * 3
+
+
 def test_mc_loglik_zero_and_one_shot(tiny_llama_dir, tmp_path, monkeypatch):
     base = ["--task", "mc", "--data_dir", CMMLU, "--split", "dev", "--subjects", *SUBJECTS, "--limit", 3,
             "--model_name_or_path", tiny_llama_dir, "--output_dir", tmp_path]
@@ -132,7 +168,7 @@ def test_mc_loglik_zero_and_one_shot(tiny_llama_dir, tmp_path, monkeypatch):
     cached = [json.loads(l) for f in (tmp_path / "cache").glob("mc-*.jsonl") for l in f.read_text().splitlines()]
     assert len(cached) == 9 and all(set(r["scores"]) == {"A", "B", "C", "D"} and r["pred"] in "ABCD" for r in cached)
     # 1-shot through the script itself
-    res = run_script("evaluate.py", *base, "--shots", 1)
+    res = run_inprocess("evaluate.py", *base, "--shots", 1)
     assert res.returncode == 0, res.stderr
     one = json.loads((tmp_path / "mc-1shot.json").read_text())
     assert one["metrics"]["n"] == 9 and one["settings"]["shots"] == 1 and "| agronomy | Other | 3 |" in res.stdout

@@ -123,7 +123,7 @@ def test_generate_in_process(trained, name, capsys):
 
 @pytest.mark.parametrize("name", ["prefix", "sadapter_h", "qlora"])
 def test_generate_script(trained, name):
-    res = run_script("generate.py", "--lora_dir", trained[name][0].output_dir, "--prompt", "Hi", "--max_new_tokens", "4")
+    res = run_inprocess("generate.py", "--lora_dir", trained[name][0].output_dir, "--prompt", "Hi", "--max_new_tokens", "4")
     assert res.returncode == 0, res.stderr[-2000:]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, run_script, start_server, stop_server
+from conftest import ROOT, SHARED_DATA, run_inprocess, start_server, stop_server
 
 pytest.importorskip("trl")
 
@@ -355,8 +355,7 @@ def test_ref_free_dpo_needs_no_reference(tiny_llama_dir, pairs_file, tmp_path):
 
 # ---- the result loads where every adapter loads -------------------------------------------------------------
 def test_dpo_adapter_reloads_in_generate_py(dpo_run):
-    res = run_script("generate.py", "--lora_dir", dpo_run, "--prompt", "Name a color.", "--max_new_tokens", "6",
-                     timeout=300)
+    res = run_inprocess("generate.py", "--lora_dir", dpo_run, "--prompt", "Name a color.", "--max_new_tokens", "6")
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"adapter: {dpo_run}" in res.stderr and "template: chat" in res.stderr
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, sample_rows_file
+from conftest import ROOT, run_inprocess, sample_rows_file
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,8 @@ def _history(out, key="loss"):
 
 def test_two_gloo_processes_equal_one_process_with_double_batch(tiny_llama_dir, rows32, tmp_path):
     steps = ["--max_steps", "3"]
-    one = subprocess.run([sys.executable, str(ROOT / "uniform_finetune.py"),
-                          *_args(tiny_llama_dir, rows32, tmp_path / "one", "--per_gpu_train_batch_size", "8", *steps)],
-                         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    one = run_inprocess("uniform_finetune.py",
+                        *_args(tiny_llama_dir, rows32, tmp_path / "one", "--per_gpu_train_batch_size", "8", *steps))
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                           str(ROOT / "uniform_finetune.py"),

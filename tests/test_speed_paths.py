@@ -1,13 +1,10 @@
 """Fast training paths: packing keeps samples apart (loss, logits, no cross-attention), the packed run equals the
-padded run, length grouping where packing is unavailable, the bf16 decision, and the benchmarks' --quick mode."""
-import json
+padded run, length grouping where packing is unavailable, the bf16 decision (the benchmarks' smoke runs:
+tests/test_bench_smoke.py)."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
 from utils.errors import UserError
 
 
@@ -223,41 +220,6 @@ def test_bf16_auto_falls_back_when_the_loss_moves(tiny_llama_dir, tmp_path, monk
 
 
 @pytest.mark.skipif(os.environ.get("SKIP_BENCH_QUICK") == "1", reason="SKIP_BENCH_QUICK=1")
-def test_bench_quick_modes_run(tmp_path, tiny_llama_dir):
-    """The benchmarks' smoke runs on the tiny random model (ours, plus TRL's default when trl is installed); bf16
-    configurations are skipped on CPUs without native bf16. Timeouts are hang guards, not speed checks."""
-    import importlib.util
-
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    systems = ["ours", "trl_default"] if importlib.util.find_spec("trl") else ["ours"]
-    res = subprocess.run([sys.executable, "bench/train_throughput.py", "--quick", "--n", "8", "--heldout", "4",
-                          "--systems", *systems, "--json", str(tmp_path / "r.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
-    assert summary["ours"]["tokens_per_s"] > 0 and summary["ours"]["heldout_loss"] > 0
-    if len(systems) > 1:
-        assert "train tokens/s ours/trl = " in res.stdout
-    res = subprocess.run([sys.executable, "bench/predict_throughput.py", "--quick", "--n", "8"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "predict rows/s ours/sequential = " in res.stdout
-    res = subprocess.run([sys.executable, "bench/train_ablation.py", "--reps", "1", "--n", "16", "--model",
-                          str(tiny_llama_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    table = res.stdout[res.stdout.index("configuration"):].splitlines()
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from train_ablation import BF16_CONFIGS, FP32_CONFIGS
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    from utils.peft_methods import cpu_has_bf16
-
-    configs = BF16_CONFIGS if cpu_has_bf16() else FP32_CONFIGS  # the bench picks its set by the CPU kind, so do we
-    assert [line.split("  ")[0] for line in table[1:]] == list(configs)
-    assert table[1].startswith("ours (default)") and table[1].split()[-1] == "1.00"
-
-
 def test_micro_batch_decision():
     from utils.train import decide_micro_batch
 

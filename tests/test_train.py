@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_inprocess
 
 PROBE = ("Add the numbers.", "12 and 30")
 
@@ -89,7 +89,7 @@ def test_generate_uses_the_training_template_byte_for_byte(tiny_run, tokenizer):
 
 
 def test_generate_script_answers(tiny_run):
-    res = run_script("generate.py", "--lora_dir", tiny_run, "--prompt", "What is 3 + 4?", "--max_new_tokens", "8")
+    res = run_inprocess("generate.py", "--lora_dir", tiny_run, "--prompt", "What is 3 + 4?", "--max_new_tokens", "8")
     assert res.returncode == 0, res.stderr
     assert res.stdout  # a random tiny model may answer in whitespace; the embedded-model test checks words
     assert "adapter: " + str(tiny_run) in res.stderr and "template: chat" in res.stderr
@@ -114,7 +114,7 @@ def test_merged_model_equals_base_plus_adapter(tiny_run, tmp_path):
     from utils.loader import load_for_inference
     from utils.templates import alpaca_messages
 
-    res = run_script("merge.py", "--lora_dir", tiny_run, "--merged_dir", tmp_path / "merged")
+    res = run_inprocess("merge.py", "--lora_dir", tiny_run, "--merged_dir", tmp_path / "merged")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers
@@ -131,11 +131,11 @@ def test_predict_writes_and_resumes(tiny_run, tmp_path):
     data.write_text(json.dumps(rows))
     out = tmp_path / "preds"
     args = ["--lora_dir", tiny_run, "--data", data, "--result_dir", out, "--max_new_tokens", "4", "--batch_size", "4"]
-    assert run_script("predict.py", *args).returncode == 0
+    assert run_inprocess("predict.py", *args).returncode == 0
     lines = (out / "predictions.jsonl").read_text().splitlines()
     keep = lines[:2]
     (out / "predictions.jsonl").write_text("\n".join(keep) + "\n" + lines[2][:10])  # a killed run's torn tail
-    assert run_script("predict.py", *args).returncode == 0
+    assert run_inprocess("predict.py", *args).returncode == 0
     recs = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in recs) == list(range(6))
     assert recs[:2] == [json.loads(l) for l in keep]
@@ -149,6 +149,6 @@ def test_embedded_model_trains_and_answers(tmp_path):
     assert metrics["global_step"] == 3 and metrics["train_loss"] > 0
     meta = json.loads((out / "finetune_meta.json").read_text())
     assert meta["model_type"] == "smollm" and meta["base_model"] == "smollm2-135m-instruct"
-    res = run_script("generate.py", "--lora_dir", out, "--prompt", "What is 10 + 5?", "--max_new_tokens", "24")
+    res = run_inprocess("generate.py", "--lora_dir", out, "--prompt", "What is 10 + 5?", "--max_new_tokens", "24")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()

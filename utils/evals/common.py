@@ -164,21 +164,46 @@ def right_pad(seqs, pad_id):
     return ids, mask
 
 
-def forward_logits(model, seqs, pad_id):
-    """Logits at every position of right-padded sequences: (batch, width, vocab)."""
+def sequence_logprobs(model, seqs, pad_id, wanted):
+    """log p(target | prefix) for each sequence's wanted (positions, targets), positions[i] being the position whose
+    logits predict targets[i]: a list of lists. The sequences run right-padded in one forward; the LM head runs only
+    at the positions some sequence needs (`logits_to_keep`) where the model takes that, e.g. one position per
+    sequence for a multiple-choice letter, instead of (batch x width x vocab) logits."""
     import torch
 
     ids, mask = right_pad(seqs, pad_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
+    union = sorted({p for positions, _ in wanted for p in positions})
+    kwargs, column = {}, None
+    if union and _keeps_logits(model):
+        kwargs["logits_to_keep"] = torch.tensor(union, device=model.device)
+        column = {p: i for i, p in enumerate(union)}
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask).logits
-    return out[:, -ids.shape[1]:]  # prompt-learning methods prepend virtual tokens
+        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    if column is None:
+        logits = logits[:, -ids.shape[1]:]  # prompt-learning methods prepend virtual tokens
+    return [token_logprobs(logits[b], [column[p] for p in positions] if column else positions, targets)
+            for b, (positions, targets) in enumerate(wanted)]
+
+
+def _keeps_logits(model):
+    """Whether the model's forward takes logits_to_keep as a tensor of positions (transformers' causal LMs) at the
+    input's own positions (not after prompt learning's virtual tokens)."""
+    import inspect
+
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def token_logprobs(row_logits, positions, targets):
     """log p(targets[i] | prefix) where row_logits[positions[i]] predicts it; only these rows are normalised."""
     import torch
 
+    if not positions:
+        return []
     lp = row_logits[torch.tensor(positions, device=row_logits.device)].float()
     tgt = torch.tensor(targets, device=row_logits.device)
     return (lp.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(lp, dim=-1)).tolist()

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from utils.errors import UserError
-from utils.evals.common import (ItemCache, batches, conversation_items, digest, forward_logits, md_table, progress,
-                                token_logprobs)
+from utils.evals.common import (ItemCache, batches, conversation_items, digest, md_table, progress,
+                                sequence_logprobs)
 
 NAME = "loss"
 ORDER = 4
@@ -48,12 +48,13 @@ def run_loss(handle, eval_args, gen_args, out_dir):
             it["ids"], it["labels"] = ids[:opts["cutoff_len"]], labels[:opts["cutoff_len"]]
         todo.sort(key=lambda it: len(it["ids"]))
         for batch in batches(todo, eval_args.batch_size):
-            logits = forward_logits(model, [it["ids"] for it in batch], tokenizer.pad_token_id)
-            for b, it in enumerate(batch):
+            wanted = []
+            for it in batch:
                 pos = [p for p in range(1, len(it["ids"])) if it["labels"][p] != -100]  # as training: shifted labels
-                targets = [it["labels"][p] for p in pos]
-                nll = -sum(token_logprobs(logits[b], [p - 1 for p in pos], targets)) if pos else 0.0
-                cache.put({"key": it["key"], "source": it["source"], "nll": nll, "tokens": len(pos)})
+                wanted.append(([p - 1 for p in pos], [it["labels"][p] for p in pos]))
+            lps = sequence_logprobs(model, [it["ids"] for it in batch], tokenizer.pad_token_id, wanted)
+            for it, lp in zip(batch, lps):
+                cache.put({"key": it["key"], "source": it["source"], "nll": -sum(lp, 0.0), "tokens": len(lp)})
             bar.update(len(batch))
     bar.close()
     recs = [cache[it["key"]] for it in items]

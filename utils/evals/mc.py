@@ -8,7 +8,7 @@ from typing import Optional
 import yaml
 
 from utils.errors import UserError
-from utils.evals.common import (ItemCache, batches, digest, forward_logits, md_table, progress, token_logprobs)
+from utils.evals.common import ItemCache, batches, digest, md_table, progress, sequence_logprobs
 from utils.evals.scoring import extract_choice, letter_set, mc_correct
 from utils.formats import CJK
 
@@ -234,10 +234,10 @@ def _mc_loglik(todo, model, tokenizer, template, batch_size, cache, bar):
     single.sort(key=lambda it: len(it["row"]["question"]))
     for batch in batches(single, batch_size):
         prompts = [template.prompt_ids(tokenizer, it["msgs"]) for it in batch]
-        logits = forward_logits(model, prompts, tokenizer.pad_token_id)
-        for b, (it, p) in enumerate(zip(batch, prompts)):
-            opts = list(it["row"]["options"])
-            scores = dict(zip(opts, token_logprobs(logits[b], [len(p) - 1] * len(opts), [letter_ids[k] for k in opts])))
+        opts = [list(it["row"]["options"]) for it in batch]
+        wanted = [([len(p) - 1] * len(o), [letter_ids[k] for k in o]) for p, o in zip(prompts, opts)]
+        for it, o, lps in zip(batch, opts, sequence_logprobs(model, prompts, tokenizer.pad_token_id, wanted)):
+            scores = dict(zip(o, lps))
             pred = max(scores, key=scores.get)
             cache.put({"key": it["key"], "subject": it["subject"], "gold": it["row"]["answer"], "pred": pred,
                        "correct": mc_correct(pred, it["row"]["answer"]),
@@ -255,11 +255,11 @@ def _mc_loglik(todo, model, tokenizer, template, batch_size, cache, bar):
             runs.append(run)
         scores = {}
         for start in range(0, len(cands), batch_size):
-            logits = forward_logits(model, seqs[start:start + batch_size], tokenizer.pad_token_id)
-            for b in range(logits.shape[0]):
-                c = start + b
-                scores[cands[c]] = sum(token_logprobs(logits[b], [p - 1 for p in runs[c]],
-                                                      [seqs[c][p] for p in runs[c]]))
+            chunk = range(start, min(start + batch_size, len(cands)))
+            wanted = [([p - 1 for p in runs[c]], [seqs[c][p] for p in runs[c]]) for c in chunk]
+            lps = sequence_logprobs(model, [seqs[c] for c in chunk], tokenizer.pad_token_id, wanted)
+            for c, lp in zip(chunk, lps):
+                scores[cands[c]] = sum(lp)
         pred = max(scores, key=scores.get)
         cache.put({"key": it["key"], "subject": it["subject"], "gold": it["row"]["answer"], "pred": pred,
                    "correct": mc_correct(pred, it["row"]["answer"])})

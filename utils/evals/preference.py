@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from utils.errors import UserError
-from utils.evals.common import ItemCache, batches, digest, forward_logits, md_table, progress, token_logprobs
+from utils.evals.common import ItemCache, batches, digest, md_table, progress, sequence_logprobs
 
 NAME = "preference"
 ORDER = 5
@@ -83,9 +83,9 @@ def _score(model, tokenizer, todo, batch_size, side_keys):
     seqs.sort(key=lambda s: len(s[2]) + len(s[3]))
     bar = progress(len(seqs), 0, "preference")
     for batch in batches(seqs, batch_size):
-        logits = forward_logits(model, [p + a for _, _, p, a in batch], tokenizer.pad_token_id)
-        for b, (key, side, p, a) in enumerate(batch):
-            lp = token_logprobs(logits[b], list(range(len(p) - 1, len(p) + len(a) - 1)), a)
+        wanted = [(list(range(len(p) - 1, len(p) + len(a) - 1)), a) for _, _, p, a in batch]
+        lps = sequence_logprobs(model, [p + a for _, _, p, a in batch], tokenizer.pad_token_id, wanted)
+        for (key, side, p, a), lp in zip(batch, lps):
             out.setdefault(key, {})[side] = (sum(lp), len(a))
         bar.update(len(batch))
     bar.close()
