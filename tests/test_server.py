@@ -422,6 +422,69 @@ PROMPTS = ["Hi", "What is 2 + 2?", "Name three colors of the rainbow, please, an
            "Tell me a long story about a dragon who lived in the mountains, loved gold and feared the sea."]
 
 
+def test_growing_kv_cache_equals_dynamic_cache_and_writes_in_place(tiny_entry):
+    """The lanes' cache gives bit-identical logits to transformers' DynamicCache over a prefill and decoding steps;
+    its steps write into the same buffer (no copy of the cache per step); keys the batcher replaces (rows leaving)
+    are taken over with one copy."""
+    import torch
+    from transformers import DynamicCache
+
+    from utils.serving.kvcache import GrowingCache
+
+    model = tiny_entry.model
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    caches = [DynamicCache(), GrowingCache()]
+    with torch.inference_mode():
+        outs = [model(input_ids=ids, past_key_values=c, use_cache=True).logits for c in caches]
+        assert torch.equal(outs[0], outs[1])
+        pointers = set()
+        for step in range(20):
+            if step == 10:  # one row leaves, as the batcher does it: new tensors in place of the layer's views
+                for c in caches:
+                    for layer in c.layers:
+                        layer.keys, layer.values = layer.keys[1:].clone(), layer.values[1:].clone()
+                outs = [o[1:] for o in outs]
+            nxt = outs[0][:, -1:].argmax(-1)
+            outs = [model(input_ids=nxt, past_key_values=c, use_cache=True).logits for c in caches]
+            assert torch.equal(outs[0], outs[1]), step
+            pointers.add(caches[1].layers[0].keys.data_ptr())
+    assert caches[1].layers[0].keys.shape == caches[0].layers[0].keys.shape
+    assert len(pointers) <= 3  # the first buffer, one after the row left, at most one growth
+
+
+def test_packed_output_layer_equals_the_plain_one_and_follows_its_weight(tokenizer):
+    """The oneDNN-packed lm_head gives the plain Linear's logits (to float32 rounding) for 1 and 8 rows, keeps the
+    state dict, repacks after an in-place change of the weight, lets gradients through the plain path, and is not
+    applied to a bfloat16 model or a LoRA-wrapped head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from utils.serving.packed_head import pack_output_layer
+
+    model = tiny_llama(tokenizer, tie_word_embeddings=False).eval()  # untied: doubling the head doubles the logits
+    keys = set(model.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]] * 8) + torch.arange(8)[:, None]
+    with torch.inference_mode():
+        plain = [model(input_ids=ids[:n]).logits for n in (1, 8)]
+    assert pack_output_layer(model) and pack_output_layer(model)  # twice: still one packed forward
+    assert set(model.state_dict()) == keys
+    with torch.inference_mode():
+        for n, want in zip((1, 8), plain):
+            got = model(input_ids=ids[:n]).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+        torch.testing.assert_close(model(input_ids=ids[:1]).logits, 2 * plain[0], rtol=1e-5, atol=1e-5)
+    model.train()
+    model(input_ids=ids[:1]).logits.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    assert not pack_output_layer(tiny_llama(tokenizer).to(torch.bfloat16))
+    lora = get_peft_model(tiny_llama(tokenizer, tie_word_embeddings=False),
+                          LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert not pack_output_layer(lora)
+
+
 def test_batched_greedy_answers_equal_each_request_alone(tiny_entry):
     """Prompts of four lengths (left padding), own max_tokens, repetition_penalty / no_repeat_ngram_size, a stop
     string, streamed rows, and two requests that join the running batch three steps late (cache merge)."""

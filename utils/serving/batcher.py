@@ -6,7 +6,8 @@ one model, or, on a shared PeftModel of LoRA adapters, all requests of every ada
 adapters (PEFT keeps them out of mixed batches) and the other shared tuners (loha, lokr, ia3, adalora) get one
 lane per adapter, switched with set_adapter / disable_adapter before each forward.
 
-A lane holds one transformers DynamicCache for all its rows, left-padded to a common length, with a 2-D
+A lane holds one KV cache for all its rows (a transformers DynamicCache whose steps write in place:
+utils/serving/kvcache.py), left-padded to a common length, with a 2-D
 attention mask and each row's own position ids, as `model.generate` does for a left-padded batch. Each step:
 
 1. requests that wait join (Batcher.admit): they are prefilled together (left padding) into a fresh cache, which
@@ -238,13 +239,13 @@ class Lane:
 
     def prefill(self, rows):
         """Run the prompts of newcomers (left-padded together), choose their first tokens, merge the live ones."""
-        from transformers import DynamicCache
+        from utils.serving.kvcache import GrowingCache
 
         plan, width = self.plan, max(len(r.prompt) for r in rows)
         ids = torch.tensor([[plan.pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=plan.device)
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=plan.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         self._advance(rows, forward(plan, ids, mask, positions, cache, [r.adapter for r in rows]))
         live = [i for i, r in enumerate(rows) if not r.done]
         if live:
