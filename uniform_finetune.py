@@ -13,9 +13,11 @@ from utils.errors import cli_main
 @cli_main
 def main(argv=None):
     args = parse_finetune_args(argv)
+    from utils.distributed import shut_down
     from utils.train import run_finetune
 
     run_finetune(*args)
+    shut_down()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ half-written checkpoints ignored, tensorboard / wandb offline logs, shipped Deep
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,31 @@ def test_two_gloo_processes_equal_one_process_with_double_batch(tiny_llama_dir, 
     assert two.stdout.count("parameters:") == 1  # only rank 0 prints
     meta = json.loads((tmp_path / "two" / "finetune_meta.json").read_text())
     assert meta["world_size"] == 2 and meta["global_batch"] == 8
+
+
+SHUT_DOWN = """
+import sys, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from utils.distributed import shut_down
+dist.init_process_group("gloo")
+shut_down()
+shut_down()  # a second call (or a run that never started a group) does nothing
+print("rank left:", not dist.is_initialized(), flush=True)
+"""
+
+
+def test_a_distributed_run_ends_its_process_group(tmp_path):
+    """shut_down (called by uniform_finetune.py after training) leaves on every rank and destroys the group."""
+    script = tmp_path / "shut_down.py"
+    script.write_text(SHUT_DOWN)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script), str(ROOT)],
+                         capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("rank left: True") == 2
 
 
 def test_torch_distributed_launch_passes_local_rank(tiny_llama_dir, rows32, tmp_path):

@@ -3,6 +3,7 @@
 - `check_distributed(...)` refuses what cannot work with one sentence each, before the model is loaded.
 - `enable_fsdp_on_cpu(trainer)`: accelerate applies `--fsdp` only on accelerator devices and silently runs plain
   DDP on CPU; torch's FSDP2 (`fully_shard`) works over gloo, so CPU processes get it too (ToolkitTrainer calls it).
+- `shut_down()`: the end of a distributed run (uniform_finetune.py calls it after training).
 - `full_weights(model)`: under ZeRO-3 and FSDP each process holds only a shard of every weight; inside this
   context every process holds the full trained tensors, so rank 0 saves complete ones. Every rank must enter it.
 """
@@ -23,6 +24,17 @@ def quiet_deepspeed_on_cpu():
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def shut_down():
+    """After a distributed run: every rank leaves together and the process group is destroyed, so that gloo's
+    threads are joined before the interpreter exits. Left to exit with them running, a rank that had finished and
+    saved was seen to abort ('terminate called without an active exception', SIGABRT), failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def zero_config(path):
