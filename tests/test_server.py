@@ -454,8 +454,8 @@ def test_growing_kv_cache_equals_dynamic_cache_and_writes_in_place(tiny_entry):
 
 def test_packed_output_layer_equals_the_plain_one_and_follows_its_weight(tokenizer):
     """The oneDNN-packed lm_head gives the plain Linear's logits (to float32 rounding) for 1 and 8 rows, keeps the
-    state dict, repacks after an in-place change of the weight, lets gradients through the plain path, and is not
-    applied to a bfloat16 model or a LoRA-wrapped head."""
+    state dict, repacks after an in-place change or a replacement of the weight, lets gradients through the plain
+    path, and is not applied to a bfloat16 model or a LoRA-wrapped head."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -476,6 +476,8 @@ def test_packed_output_layer_equals_the_plain_one_and_follows_its_weight(tokeniz
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
         torch.testing.assert_close(model(input_ids=ids[:1]).logits, 2 * plain[0], rtol=1e-5, atol=1e-5)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight / 2)  # replaced by another tensor
+        torch.testing.assert_close(model(input_ids=ids[:1]).logits, plain[0], rtol=1e-5, atol=1e-5)
     model.train()
     model(input_ids=ids[:1]).logits.sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0

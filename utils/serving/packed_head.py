@@ -7,8 +7,8 @@ float32 rounding (the rows' sums run in another order), not bit for bit.
 
 pack_output_layer keeps the module and its weight as they are (state dicts, tied embeddings, peft wrappers see
 nothing new) and gives that one Linear a forward that uses the packed copy, which costs one more copy of the weight
-in memory. The packed copy is made again if the weight is changed in place, and the plain path runs whenever the
-input is not CPU float32 or gradients are wanted.
+in memory. The packed copy is made again if the weight is changed in place or replaced, and the plain path runs
+whenever the input is not CPU float32 or gradients are wanted.
 """
 import types
 
@@ -21,7 +21,7 @@ def _packed_forward(self, x):
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, self.bias)
-    if self._packed_version != _versions(self):  # changed in place since it was packed
+    if self._packed_version != _versions(self):  # changed in place, or replaced, since it was packed
         _pack(self)
     rows = x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn()
     out = torch._C._nn.mkldnn_linear(rows, self._packed, self._packed_bias).to_dense()
@@ -29,7 +29,8 @@ def _packed_forward(self, x):
 
 
 def _versions(head):
-    return head.weight._version, None if head.bias is None else head.bias._version
+    """What changes when the weight or bias is written in place or replaced by another tensor."""
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in (head.weight, head.bias))
 
 
 def _pack(head):
