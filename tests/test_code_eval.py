@@ -336,7 +336,7 @@ def test_task_end_to_end_with_stubbed_completions(tiny_llama_dir, tmp_path, monk
     assert handle.loads == 1
     again = code.run(ctx)  # everything cached: no model load, same numbers
     assert handle.loads == 1 and again["metrics"] == res["metrics"]
-    ctx.flags.code_timeout = 30.0  # another timeout reruns the programs, not the model
+    ctx.flags.code_timeout = 300.0  # another timeout reruns the programs, not the model
     assert code.run(ctx)["metrics"] == res["metrics"] and handle.loads == 1
 
 

@@ -309,7 +309,7 @@ def stub():
 def _args(stub, out, **kw):
     base = si.SelfInstructArguments(seed_tasks=str(SEEDS), output=str(out), base_url=stub.url, model="stub",
                                     api_key="k-123", num_instructions=5, concurrency=2, retry_delay=0.01,
-                                    request_timeout=10)
+                                    request_timeout=300)  # a hang guard, never a speed check
     return replace(base, **kw)
 
 
@@ -456,7 +456,7 @@ def test_loop_against_our_server(tiny_llama_dir, tmp_path):
                                             api_key="local", num_instructions=3, prompt_file=str(header),
                                             num_prompt_instructions=2, num_tasks_per_prompt=5, max_tokens=24,
                                             max_prompts=2, concurrency=2, use_completions=completions,
-                                            request_timeout=60, max_retries=1, retry_delay=0.01)
+                                            request_timeout=600, max_retries=1, retry_delay=0.01)
             stats = si.run_self_instruct(args, log=lambda *a: None)
             rows = _rows(out) if out.exists() else []
             assert stats["prompts"] == 2 and stats["responses"] == 2 and stats["failed_prompts"] == 0
