@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# Under pytest-xdist (`make test` runs `pytest -n auto`, one test file per worker at a time), the workers share the cores: each worker, and every
-# process it starts, gets its share of torch's threads instead of all of them (set before torch is imported;
-# oversubscribed OpenMP threads spin against each other).
+# Under pytest-xdist (`make test` runs `pytest -n auto`, one test file per worker at a time) the workers share the
+# cores: each worker, and every process it starts, gets its share of torch's threads instead of all of them (set
+# before torch is imported; oversubscribed OpenMP threads spin against each other).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
@@ -119,6 +119,13 @@ def tiny_lora_run(tiny_llama_dir, tmp_path_factory):
           "--per_gpu_train_batch_size", "2", "--cutoff_len", "64", "--logging_steps", "1", "--save_steps", "1000",
           "--data", "arith_sample:8"])
     return out
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now (for a process the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_server(app):

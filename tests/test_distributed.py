@@ -2,13 +2,13 @@
 
 Every training run is shared through the module-scoped `train` fixture. The reference is one process on the same
 global batch, trained in the test's own process (2-process DDP equals it: tests/test_scaleout.py); plain DDP
-stays the engine of the two-node test where DeepSpeed is absent. Each run logs every step and checkpoints every SAVE steps, so the same runs also serve the
-kill -9 / resume tests. DeepSpeed tests skip where the package is absent (CI installs requirements-dist.txt).
+stays the engine of the two-node test where DeepSpeed is absent. Each run logs every step and checkpoints every
+SAVE steps, so the same runs also serve the kill -9 / resume tests. DeepSpeed tests skip where the package is
+absent (CI installs requirements-dist.txt).
 """
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, run_inprocess, sample_rows_file, save_tiny_llama
+from conftest import ROOT, free_port, run_inprocess, sample_rows_file, save_tiny_llama
 
 STEPS, SAVE = 6, 3  # optimizer steps of the shared runs; a checkpoint every SAVE steps
 LOSS_TOL = 1e-5  # per-step logged loss, engine vs plain DDP
@@ -39,12 +39,6 @@ def _needs(engine):
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -r requirements-dist.txt)")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env():
     return dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
@@ -52,7 +46,7 @@ def _env():
 def _launcher(nproc=2, nodes=None, port=None):
     """python -m torch.distributed.run ... for one launch (nodes=(node_rank, nnodes) for a multi-node one)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port or _free_port())]
+           "--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
     if nodes:
         cmd += ["--nnodes", str(nodes[1]), "--node_rank", str(nodes[0])]
     return cmd
@@ -244,7 +238,7 @@ def test_two_nodes_train_the_steps_of_one_launch(train, tmp_path):
 
     engine = "zero3" if importlib.util.find_spec("deepspeed") else "ddp"
     ref = train(engine)
-    out, port = tmp_path / "two_nodes", _free_port()
+    out, port = tmp_path / "two_nodes", free_port()
     args = train.args(out, engine)
     procs = [subprocess.Popen([*_launcher(1, (rank, 2), port), str(ROOT / "uniform_finetune.py"), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)

@@ -3,14 +3,13 @@ half-written checkpoints ignored, tensorboard / wandb offline logs, shipped Deep
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_inprocess, sample_rows_file
+from conftest import ROOT, free_port, run_inprocess, sample_rows_file
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +65,8 @@ def test_a_distributed_run_ends_its_process_group(tmp_path):
     """shut_down (called by uniform_finetune.py after training) leaves on every rank and destroys the group."""
     script = tmp_path / "shut_down.py"
     script.write_text(SHUT_DOWN)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), str(script), str(ROOT)],
+                          "127.0.0.1", "--master_port", str(free_port()), str(script), str(ROOT)],
                          capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("rank left: True") == 2

@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,12 +20,6 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 QUESTION = "What is 2 + 3?"
 # A random tiny model greedily repeats "\n" (an empty reply); a repetition penalty makes it say words.
 GEN = dict(max_new_tokens=16, repetition_penalty=2.0)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _words(text):
@@ -131,7 +124,7 @@ def test_defaults_bind_localhost_and_never_share(monkeypatch):
 
 def test_web_py_serves_the_page(web_adapter):
     """The script itself: loads base + adapter, binds 127.0.0.1, the page config names the adapter."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", GRADIO_ANALYTICS_ENABLED="False")
     log = open(web_adapter.parent / "web_py.log", "w+")
     proc = subprocess.Popen([sys.executable, str(ROOT / "web.py"), "--lora_dir", str(web_adapter),
@@ -164,7 +157,7 @@ def served_demo(loaded):
 
     model, tok, tmpl, info = loaded
     demo = build_demo(model, tok, tmpl, info, GenerationArguments(**GEN))
-    port = _free_port()
+    port = free_port()
     launch(demo, "127.0.0.1", port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/", info
