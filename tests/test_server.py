@@ -418,6 +418,22 @@ def tiny_entry(tokenizer):
     return entry
 
 
+@pytest.fixture(scope="module")
+def packed_entry(tokenizer):
+    """tiny_entry's kind of model with every linear layer run through oneDNN with its weight packed, as server.py
+    runs a CPU float32 model (the tiny model's layers are all below the size limit, hence min_elements=0)."""
+    from utils.serving.batcher import plan_for
+    from utils.serving.engine import Entry
+    from utils.serving.packed import pack_linears
+    from utils.templates import pick_template
+
+    model = tiny_llama(tokenizer, tie_word_embeddings=False, initializer_range=0.1).eval()
+    assert pack_linears(model, "all", rows=8, min_elements=0) == 1 + 7 * model.config.num_hidden_layers
+    entry = Entry("tiny", model, tokenizer, pick_template("vicuna", "vicuna", tokenizer), max_length=512)
+    entry.plan = plan_for(entry)
+    return entry
+
+
 PROMPTS = ["Hi", "What is 2 + 2?", "Name three colors of the rainbow, please, and say why the sky is blue.",
            "Tell me a long story about a dragon who lived in the mountains, loved gold and feared the sea."]
 
@@ -452,24 +468,27 @@ def test_growing_kv_cache_equals_dynamic_cache_and_writes_in_place(tiny_entry):
     assert len(pointers) <= 3  # the first buffer, one after the row left, at most one growth
 
 
-def test_packed_output_layer_equals_the_plain_one_and_follows_its_weight(tokenizer):
-    """The oneDNN-packed lm_head gives the plain Linear's logits (to float32 rounding) for 1 and 8 rows, keeps the
-    state dict, repacks after an in-place change or a replacement of the weight, lets gradients through the plain
-    path, and is not applied to a bfloat16 model or a LoRA-wrapped head."""
+def test_packed_linears_equal_the_plain_ones_and_follow_their_weights(tokenizer):
+    """Linear layers run by oneDNN with packed weights give the plain logits (to float32 rounding) for 1 and 8 rows
+    and for rows other than those they were packed for, keep the state dict, repack after an in-place change or a
+    replacement of a weight, let gradients through the plain path; "head" packs the output layer only, "none"
+    nothing; not applied to a bfloat16 model; a LoRA-wrapped layer keeps its wrapper and packs its base layer."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from utils.serving.packed_head import pack_output_layer
+    from utils.serving.packed import pack_linears
 
     model = tiny_llama(tokenizer, tie_word_embeddings=False).eval()  # untied: doubling the head doubles the logits
     keys = set(model.state_dict())
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]] * 8) + torch.arange(8)[:, None]
     with torch.inference_mode():
-        plain = [model(input_ids=ids[:n]).logits for n in (1, 8)]
-    assert pack_output_layer(model) and pack_output_layer(model)  # twice: still one packed forward
+        plain = [model(input_ids=ids[:n]).logits for n in (1, 3, 8)]
+    layers = 1 + 7 * model.config.num_hidden_layers
+    assert pack_linears(model, "none") == 0 and pack_linears(model, "all") == 1  # small layers: only the head
+    assert pack_linears(model, "all", rows=4, min_elements=0) == layers  # twice: still one packed forward each
     assert set(model.state_dict()) == keys
     with torch.inference_mode():
-        for n, want in zip((1, 8), plain):
+        for n, want in zip((1, 3, 8), plain):
             got = model(input_ids=ids[:n]).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert torch.equal(got.argmax(-1), want.argmax(-1))
@@ -478,22 +497,34 @@ def test_packed_output_layer_equals_the_plain_one_and_follows_its_weight(tokeniz
         torch.testing.assert_close(model(input_ids=ids[:1]).logits, 2 * plain[0], rtol=1e-5, atol=1e-5)
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight / 2)  # replaced by another tensor
         torch.testing.assert_close(model(input_ids=ids[:1]).logits, plain[0], rtol=1e-5, atol=1e-5)
+        layer = model.model.layers[0].mlp.down_proj
+        layer.weight.zero_()  # a layer inside the model: its packed copy follows too
+        zeroed = model(input_ids=ids[:1]).logits
+        assert not torch.allclose(zeroed, plain[0], atol=1e-4)
     model.train()
     model(input_ids=ids[:1]).logits.sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
-    assert not pack_output_layer(tiny_llama(tokenizer).to(torch.bfloat16))
+    assert layer.weight.grad is not None
+    assert pack_linears(tiny_llama(tokenizer).to(torch.bfloat16), "all", min_elements=0) == 0
+    head_only = tiny_llama(tokenizer, tie_word_embeddings=False)
+    assert pack_linears(head_only, "head", min_elements=0) == 1 and "forward" in vars(head_only.lm_head)
     lora = get_peft_model(tiny_llama(tokenizer, tie_word_embeddings=False),
                           LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    assert not pack_output_layer(lora)
+    assert pack_linears(lora, "head") == 0  # the output layer is LoRA's wrapper
+    assert pack_linears(lora, "all", min_elements=0) == layers
+    q = lora.base_model.model.model.layers[0].self_attn.q_proj
+    assert "forward" in vars(q.base_layer) and "forward" not in vars(q) and "forward" not in vars(q.lora_A.default)
 
 
-def test_batched_greedy_answers_equal_each_request_alone(tiny_entry):
+@pytest.mark.parametrize("which", ["tiny_entry", "packed_entry"])
+def test_batched_greedy_answers_equal_each_request_alone(which, request):
     """Prompts of four lengths (left padding), own max_tokens, repetition_penalty / no_repeat_ngram_size, a stop
-    string, streamed rows, and two requests that join the running batch three steps late (cache merge)."""
+    string, streamed rows, and two requests that join the running batch three steps late (cache merge); on the
+    plain model and on one whose linear layers run through oneDNN packed (server.py's CPU float32 path)."""
     from utils.args import GenerationArguments
     from utils.serving.batcher import Batcher
 
-    e = tiny_entry
+    e = request.getfixturevalue(which)
     gens = [GenerationArguments(max_new_tokens=6), GenerationArguments(max_new_tokens=12),
             GenerationArguments(max_new_tokens=9, repetition_penalty=1.3),
             GenerationArguments(max_new_tokens=16, no_repeat_ngram_size=2)]

@@ -320,10 +320,12 @@ class ServeArguments:
     max_wait_ms: float = field(
         default=10, metadata={"min": 0, "example": 10, "help": "How long an idle worker lets its first request wait "
                                                                "for companions before it starts (server.py)."})
-    packed_head: bool = field(
-        default=True, metadata={"help": "Run the output layer of a CPU float32 model through oneDNN with its weight "
-                                        "packed once: faster decoding steps, one more copy of that weight in "
-                                        "memory; false: torch's default GEMM (server.py)."})
+    packed_weights: str = field(
+        default="all", metadata={"choices": ["all", "head", "none"],
+                                 "help": "CPU float32 models: run the linear layers (all), or only the output layer "
+                                         "(head), through oneDNN with their weights packed once for "
+                                         "--max_batch_size rows: faster decoding steps, one more copy of those "
+                                         "weights in memory; none: torch's default GEMM (server.py)."})
 
 
 def _to_bool(value):

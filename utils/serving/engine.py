@@ -349,7 +349,7 @@ def load_engine(model_args, serve_args, gen_args, log=print):
     from utils.models import get_spec, load_model, load_tokenizer, place_for_inference, resolve_model
     from utils.peft_methods import check_quantization_available, requested_bits
     from utils.serving.batcher import plan_for
-    from utils.serving.packed_head import pack_output_layer
+    from utils.serving.packed import pack_linears
     from utils.templates import pick_template
 
     max_batch_size, max_wait_ms = batching_limits(serve_args)
@@ -384,11 +384,13 @@ def load_engine(model_args, serve_args, gen_args, log=print):
         base_entry = Entry(base_id, model, tokenizer, template, max_length=_context_length(model))
     log(f"[model '{base_id}': base {base} ({mtype}), template {template.name}]")
     entries = [base_entry] + entries
-    packed = [e.id for e in entries if getattr(serve_args, "packed_head", True) and pack_output_layer(e.model)]
+    which = getattr(serve_args, "packed_weights", "all")
+    packed = [f"{e.id} ({n} layers)" for e in entries if (n := pack_linears(e.model, which, max_batch_size))]
     for entry in entries:
         entry.plan = plan_for(entry)
     if packed:
-        log(f"[output layer run by oneDNN with its weight packed (CPU float32): {', '.join(packed)}]")
+        log(f"[linear layers run by oneDNN with their weights packed for {max_batch_size} rows (CPU float32): "
+            f"{', '.join(packed)}]")
     single = [f"{e.id} ({e.plan.single})" for e in entries if e.plan.single]
     log(f"[batching: up to {max_batch_size} requests per step, first request waits up to {max_wait_ms} ms for "
         f"companions{'; single-request path for ' + ', '.join(single) if single else ''}]")
