@@ -516,6 +516,84 @@ def test_packed_linears_equal_the_plain_ones_and_follow_their_weights(tokenizer)
     assert "forward" in vars(q.base_layer) and "forward" not in vars(q) and "forward" not in vars(q.lora_A.default)
 
 
+def test_prefix_store_keeps_shared_starts_per_adapter_within_its_budget():
+    """A start is kept once two prompts share at least MIN_TOKENS of it (never a whole prompt), found for prompts that
+    all begin with it, per lane and adapter; the least recently used entries leave past the budget; 0 turns it off."""
+    import torch
+
+    from utils.serving.prefix import MIN_TOKENS, PrefixStore, columns_of, common_length
+
+    def layers(i, n):  # one layer; its values say which prompt and how many positions they came from
+        return [(torch.full((1, 1, n, 2), float(i)), torch.full((1, 1, n, 2), float(n)))]
+
+    head = list(range(100, 100 + 12))
+    a, b, c = head + [1, 2, 3], head + [4, 5], head[:6] + [9, 9, 9, 9, 9]
+    store = PrefixStore(budget=30)
+    assert common_length(a, b) == 12 and common_length(a, a[:3]) == 3 and common_length([], a) == 0
+    store.learn("lane", "x", [a], layers)
+    assert not store.entries  # nothing seen twice yet
+    store.learn("lane", "x", [b], layers)  # shares 12 tokens with the recent a
+    assert [e.tokens for e in store.entries.values()] == [tuple(head)]
+    assert store.find("lane", "y", [a, b]) == (None, 0)  # another adapter: its own keys and values
+    assert store.find("other lane", "x", [a]) == (None, 0)
+    entry, n = store.find("lane", "x", [a, b, head + [7]])
+    assert n == 12 and entry.tokens == tuple(head) and store.hits == 1 and store.saved == 36
+    assert store.find("lane", "x", [head])[1] == 11  # the prompt's last token is always computed
+    assert store.find("lane", "x", [a, c]) == (None, 0)  # c shares only 6 < MIN_TOKENS
+    assert MIN_TOKENS == 8
+    other = list(range(500, 520))
+    store.learn("lane", "x", [other + [1], other + [2]], layers)  # 20 more positions: 32 > 30, the oldest leaves
+    assert [e.tokens for e in store.entries.values()] == [tuple(other)] and store.held == 20
+    assert PrefixStore(budget=0).find("lane", "x", [a])[0] is None
+    off = PrefixStore(budget=0)
+    off.learn("lane", "x", [a, b], layers)
+    assert not off.entries
+    # cache columns of a prompt's first positions: 3 from the store, the rest left-padded to width 5
+    assert columns_of(3, 5, 6, 5).tolist() == [0, 1, 2, 5, 6]
+    assert columns_of(0, 5, 4, 3).tolist() == [1, 2, 3]
+
+
+def test_prompt_start_from_the_store_gives_the_logits_of_the_whole_prompt(tiny_entry):
+    """Keys and values of a kept start copied into a fresh cache plus the rest of the prompt give the logits and the
+    cache of a prefill of the whole prompt (float32 rounding); sequential requests through the engine hit the store
+    from the third on and answer as if served alone."""
+    import torch
+
+    from utils.args import GenerationArguments
+    from utils.serving.engine import Engine
+    from utils.serving.kvcache import GrowingCache
+    from utils.serving.prefix import Entry, row_layers, seed
+
+    e = tiny_entry
+    ids = _ids(e, PROMPTS[2])
+    n = len(ids) // 2
+    with torch.inference_mode():
+        whole = GrowingCache()
+        want = e.model(input_ids=torch.tensor([ids]), past_key_values=whole, use_cache=True).logits[:, -1]
+        kept = Entry(tuple(ids[:n]), row_layers(whole, 0, torch.arange(n)))
+        cache = GrowingCache()
+        seed(cache, kept, n, 2)
+        rest = torch.tensor([ids[n:]] * 2)
+        got = e.model(input_ids=rest, past_key_values=cache, use_cache=True,
+                      position_ids=torch.arange(n, len(ids)).expand(2, -1)).logits[:, -1]
+    torch.testing.assert_close(got, want.expand(2, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.layers[0].keys[1:], whole.layers[0].keys, rtol=1e-5, atol=1e-5)
+    gen = GenerationArguments(max_new_tokens=8)
+    engine = Engine([e], "tiny", gen, max_batch_size=1)
+    engine.start()
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            job = _job(e, _ids(e, prompt), gen)
+            engine.submit(job)
+            assert job.done.wait(HANG_GUARD)
+            assert _end(job) == _alone(e, job.ids, gen)[0], prompt
+    finally:
+        engine.stop()
+    assert engine.stats["prefills"] == len(PROMPTS)
+    assert engine.stats["prefix_hits"] == len(PROMPTS) - 2  # the second request's start was kept for the rest
+    assert engine.stats["prefix_saved"] >= 2 * 8
+
+
 @pytest.mark.parametrize("which", ["tiny_entry", "packed_entry"])
 def test_batched_greedy_answers_equal_each_request_alone(which, request):
     """Prompts of four lengths (left padding), own max_tokens, repetition_penalty / no_repeat_ngram_size, a stop
@@ -547,6 +625,7 @@ def test_batched_greedy_answers_equal_each_request_alone(which, request):
         batcher.step()
     for job, want in zip(jobs, expected):
         assert _end(job) == want, (job.ids, want)
+    assert batcher.prefixes.hits == 1  # the late joiners' system prompt came from the store
     assert _end(jobs[4])[:2] == (stop_text, stop_reason) and stop_reason == "stop"
     assert _streamed(jobs[5]) == raw_pieces and _end(jobs[5])[0] == raw_pieces.strip()
     assert _streamed(jobs[6]) == expected[2][0] and len([k for k, _ in jobs[6].got if k == "delta"]) >= 2
@@ -614,6 +693,16 @@ def test_mixed_adapters_in_one_batch_equal_single_requests(served):
     while batcher.size:
         batcher.step()
     assert [_end(j) for j in jobs] == expected
+    # a third round, one model at a time: the template's start now comes from the store, kept per adapter
+    kept = {adapter for _, adapter, _ in batcher.prefixes.entries}
+    assert {"__base__", plans["lora"].adapter, plans["math"].adapter} <= kept
+    for i, m in enumerate(MODEL_IDS):
+        job = _job(engine.entries[m], _ids(engine.entries[m], f"What is {3 * i} - {i}?"), gen)
+        batcher.admit([job])
+        while batcher.size:
+            batcher.step()
+        assert _end(job) == engine.run(_job(job.entry, job.ids, gen)), m
+    assert batcher.prefixes.hits == len(MODEL_IDS)
 
 
 def test_worker_batches_waiting_requests_and_survives_errors(tiny_entry, monkeypatch):

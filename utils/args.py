@@ -320,6 +320,11 @@ class ServeArguments:
     max_wait_ms: float = field(
         default=10, metadata={"min": 0, "example": 10, "help": "How long an idle worker lets its first request wait "
                                                                "for companions before it starts (server.py)."})
+    prefix_cache_tokens: int = field(
+        default=2048, metadata={"min": 0, "example": 2048,
+                                "help": "Keep the keys and values of prompt starts that requests share (a system "
+                                        "prompt, few-shot examples) and copy them in instead of computing them "
+                                        "again, up to this many positions in all; 0: off (server.py)."})
     packed_weights: str = field(
         default="all", metadata={"choices": ["all", "head", "none"],
                                  "help": "CPU float32 models: run the linear layers (all), or only the output layer "

@@ -11,7 +11,8 @@ utils/serving/kvcache.py), left-padded to a common length, with a 2-D
 attention mask and each row's own position ids, as `model.generate` does for a left-padded batch. Each step:
 
 1. requests that wait join (Batcher.admit): they are prefilled together (left padding) into a fresh cache, which
-   is then merged into the lane's (both padded on the left to the longer one);
+   is then merged into the lane's (both padded on the left to the longer one); a prompt start they all share with
+   one the prefix store keeps (utils/serving/prefix.py) is copied into the fresh cache instead of computed;
 2. one decoding step per lane (Batcher.step): every row's last token in, one new token out per row, chosen with
    that row's own settings: greedy, or sampled with its temperature / top_p / top_k and its own torch.Generator
    (seed), after its repetition_penalty / no_repeat_ngram_size (transformers' logits processors, in generate's
@@ -229,8 +230,8 @@ def _pad_left(x, n, value=0):
 class Lane:
     """The rows one forward pass serves, with their shared left-padded cache and attention mask."""
 
-    def __init__(self, plan):
-        self.plan, self.rows, self.cache, self.mask = plan, [], None, None
+    def __init__(self, plan, store=None):
+        self.plan, self.store, self.rows, self.cache, self.mask = plan, store, [], None, None
 
     def _advance(self, rows, logits):
         greedy = logits.argmax(-1).tolist()
@@ -238,18 +239,42 @@ class Lane:
             row.take(row.choose(logits[i:i + 1], greedy[i]))
 
     def prefill(self, rows):
-        """Run the prompts of newcomers (left-padded together), choose their first tokens, merge the live ones."""
+        """Run the prompts of newcomers (left-padded together), choose their first tokens, merge the live ones.
+        A start that every prompt shares with one the prefix store keeps is copied in rather than computed."""
         from utils.serving.kvcache import GrowingCache
+        from utils.serving.prefix import seed
 
-        plan, width = self.plan, max(len(r.prompt) for r in rows)
-        ids = torch.tensor([[plan.pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=plan.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=plan.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        plan, adapters = self.plan, [r.adapter for r in rows]
+        entry, prefix = None, 0
+        if self.store is not None and len(set(adapters)) == 1:
+            entry, prefix = self.store.find(plan.key, adapters[0], [r.prompt for r in rows])
+        rests = [r.prompt[prefix:] for r in rows]
+        width = max(len(t) for t in rests)
+        ids = torch.tensor([[plan.pad_id] * (width - len(t)) + t for t in rests], device=plan.device)
+        mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in rests], device=plan.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix
+        if prefix:
+            mask = torch.cat([mask.new_ones(len(rows), prefix), mask], dim=1)
         cache = GrowingCache()
-        self._advance(rows, forward(plan, ids, mask, positions, cache, [r.adapter for r in rows]))
+        if entry is not None:
+            seed(cache, entry, prefix, len(rows))
+        logits = forward(plan, ids, mask, positions, cache, adapters)
+        self._learn(rows, cache, prefix, width)
+        self._advance(rows, logits)
         live = [i for i, r in enumerate(rows) if not r.done]
         if live:
             self._merge(cache, mask, rows, live)
+
+    def _learn(self, rows, cache, prefix, width):
+        """Let the prefix store keep what these prompts share (per adapter: it changes the keys and values)."""
+        from utils.serving.prefix import columns_of, row_layers
+
+        if self.store is None:
+            return
+        for adapter in dict.fromkeys(r.adapter for r in rows):
+            index = [i for i, r in enumerate(rows) if r.adapter == adapter]
+            self.store.learn(self.plan.key, adapter, [rows[i].prompt for i in index], lambda j, n: row_layers(
+                cache, index[j], columns_of(prefix, width, len(rows[index[j]].prompt), n, self.plan.device)))
 
     def _merge(self, cache, mask, rows, live):
         if len(live) < len(rows):
@@ -318,11 +343,17 @@ def _fail_rows(rows, exc, stats):
 class Batcher:
     """Every lane of the running batch; the generation worker calls admit() and step() in turns."""
 
-    def __init__(self, stats=None):
-        self.lanes = {}
+    def __init__(self, stats=None, prefix_tokens=None):
+        """prefix_tokens: what the prefix store may hold (None: server.py's --prefix_cache_tokens default)."""
+        from utils.args import ServeArguments
         from utils.serving.engine import new_stats
+        from utils.serving.prefix import PrefixStore
 
+        self.lanes = {}
         self.stats = stats if stats is not None else new_stats()
+        if prefix_tokens is None:
+            prefix_tokens = ServeArguments().prefix_cache_tokens
+        self.prefixes = PrefixStore(prefix_tokens)
 
     @property
     def size(self):
@@ -340,13 +371,14 @@ class Batcher:
             groups.setdefault(job.entry.plan.key, []).append(row)
         with torch.inference_mode():
             for key, rows in groups.items():
-                lane = self.lanes.setdefault(key, Lane(rows[0].job.entry.plan))
+                lane = self.lanes.setdefault(key, Lane(rows[0].job.entry.plan, self.prefixes))
                 try:
                     lane.prefill(rows)
                 except Exception as exc:  # noqa: BLE001 - the newcomers fail, the lane's running rows go on
                     _fail_rows(rows, exc, self.stats)
                 self.stats["prefills"] += 1
                 self.stats["batched"] += len(rows)
+        self.stats["prefix_hits"], self.stats["prefix_saved"] = self.prefixes.hits, self.prefixes.saved
         self._tidy()
 
     def step(self):

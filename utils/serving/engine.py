@@ -81,8 +81,10 @@ class Job:
 
 def new_stats():
     """The worker's counters: decoding steps (one per lane), prefills, the widest lane, requests batched and served
-    alone, generations failed, requests cancelled by their client before their end."""
-    return {"steps": 0, "prefills": 0, "widest": 0, "batched": 0, "single": 0, "failed": 0, "cancelled": 0}
+    alone, generations failed, requests cancelled by their client before their end, prefills that took a prompt
+    start from the prefix store and the prompt positions they did not compute."""
+    return {"steps": 0, "prefills": 0, "widest": 0, "batched": 0, "single": 0, "failed": 0, "cancelled": 0,
+            "prefix_hits": 0, "prefix_saved": 0}
 
 
 def _log_error(what, exc):
@@ -93,7 +95,7 @@ class Engine:
     """The loaded models and the generation worker that batches their requests."""
 
     def __init__(self, entries, base_id, gen_defaults, max_queue=64, aliases=None,
-                 max_batch_size=DEFAULT_MAX_BATCH_SIZE, max_wait_ms=DEFAULT_MAX_WAIT_MS):
+                 max_batch_size=DEFAULT_MAX_BATCH_SIZE, max_wait_ms=DEFAULT_MAX_WAIT_MS, prefix_tokens=None):
         self.entries = {e.id: e for e in entries}
         self.base_id = base_id
         self.aliases = dict(aliases or {})
@@ -101,6 +103,7 @@ class Engine:
         self.jobs = queue.Queue(maxsize=max(1, max_queue))
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000
+        self.prefix_tokens = prefix_tokens  # None: the batcher's default
         self.stats = new_stats()
         self._stop = threading.Event()
         self._thread = None
@@ -144,7 +147,7 @@ class Engine:
     def _work(self):
         from utils.serving.batcher import Batcher
 
-        batcher = Batcher(self.stats)
+        batcher = Batcher(self.stats, self.prefix_tokens)
         try:
             while not self._stop.is_set():
                 jobs = []
@@ -348,8 +351,6 @@ def load_engine(model_args, serve_args, gen_args, log=print):
     from utils.loader import inference_bits, open_run
     from utils.models import get_spec, load_model, load_tokenizer, place_for_inference, resolve_model
     from utils.peft_methods import check_quantization_available, requested_bits
-    from utils.serving.batcher import plan_for
-    from utils.serving.packed import pack_linears
     from utils.templates import pick_template
 
     max_batch_size, max_wait_ms = batching_limits(serve_args)
@@ -384,6 +385,18 @@ def load_engine(model_args, serve_args, gen_args, log=print):
         base_entry = Entry(base_id, model, tokenizer, template, max_length=_context_length(model))
     log(f"[model '{base_id}': base {base} ({mtype}), template {template.name}]")
     entries = [base_entry] + entries
+    prefix_tokens = _plan_entries(entries, serve_args, max_batch_size, max_wait_ms, log)
+    aliases = {str(base): base_id} if str(base) != base_id else {}
+    return Engine(entries, base_id, gen_args, serve_args.max_queue, aliases, max_batch_size, max_wait_ms,
+                  prefix_tokens)
+
+
+def _plan_entries(entries, serve_args, max_batch_size, max_wait_ms, log):
+    """Pack the entries' weights (--packed_weights), give each its batching plan, say so; returns
+    --prefix_cache_tokens."""
+    from utils.serving.batcher import plan_for
+    from utils.serving.packed import pack_linears
+
     which = getattr(serve_args, "packed_weights", "all")
     packed = [f"{e.id} ({n} layers)" for e in entries if (n := pack_linears(e.model, which, max_batch_size))]
     for entry in entries:
@@ -394,5 +407,8 @@ def load_engine(model_args, serve_args, gen_args, log=print):
     single = [f"{e.id} ({e.plan.single})" for e in entries if e.plan.single]
     log(f"[batching: up to {max_batch_size} requests per step, first request waits up to {max_wait_ms} ms for "
         f"companions{'; single-request path for ' + ', '.join(single) if single else ''}]")
-    aliases = {str(base): base_id} if str(base) != base_id else {}
-    return Engine(entries, base_id, gen_args, serve_args.max_queue, aliases, max_batch_size, max_wait_ms)
+    prefix_tokens = getattr(serve_args, "prefix_cache_tokens", None)
+    if prefix_tokens is not None:
+        log(f"[prompt starts that requests share kept for reuse: "
+            f"{f'up to {prefix_tokens} positions' if prefix_tokens else 'off'}]")
+    return prefix_tokens
