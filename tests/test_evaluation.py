@@ -328,7 +328,7 @@ def test_judge_unreachable_is_one_sentence(tmp_path):
     from utils.evaluation import Judge
 
     with pytest.raises(UserError, match="check --judge_base_url"):
-        Judge("http://127.0.0.1:9/v1", "m", timeout=2)("x")
+        Judge("http://127.0.0.1:9/v1", "m", timeout=300)("x")
 
 
 # ---- the study runner and the loss task ---------------------------------------------------------------

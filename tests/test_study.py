@@ -108,7 +108,7 @@ def test_study_with_a_judge_server_pairwise_and_code(judged_study):
     cfg = yaml.safe_load((out / "cells" / cell / "adapter" / "eval" / "pairwise.yaml").read_text())
     assert cfg["judge_base_url"].startswith("http://127.0.0.1:") and (out / "judge_server.log").is_file()
     with pytest.raises(OSError):
-        urllib.request.urlopen(cfg["judge_base_url"].rsplit("/v1", 1)[0] + "/health", timeout=5)
+        urllib.request.urlopen(cfg["judge_base_url"].rsplit("/v1", 1)[0] + "/health", timeout=300)
     # one plot: the loss curves and a bar chart per eval entry (loss_curves.png stays: the loss panel alone)
     from PIL import Image
 
