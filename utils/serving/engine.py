@@ -385,15 +385,14 @@ def load_engine(model_args, serve_args, gen_args, log=print):
         base_entry = Entry(base_id, model, tokenizer, template, max_length=_context_length(model))
     log(f"[model '{base_id}': base {base} ({mtype}), template {template.name}]")
     entries = [base_entry] + entries
-    prefix_tokens = _plan_entries(entries, serve_args, max_batch_size, max_wait_ms, log)
+    _plan_entries(entries, serve_args, max_batch_size, max_wait_ms, log)
     aliases = {str(base): base_id} if str(base) != base_id else {}
     return Engine(entries, base_id, gen_args, serve_args.max_queue, aliases, max_batch_size, max_wait_ms,
-                  prefix_tokens)
+                  getattr(serve_args, "prefix_cache_tokens", None))
 
 
 def _plan_entries(entries, serve_args, max_batch_size, max_wait_ms, log):
-    """Pack the entries' weights (--packed_weights), give each its batching plan, say so; returns
-    --prefix_cache_tokens."""
+    """Pack the entries' weights (--packed_weights), give each its batching plan, and say so."""
     from utils.serving.batcher import plan_for
     from utils.serving.packed import pack_linears
 
@@ -411,4 +410,3 @@ def _plan_entries(entries, serve_args, max_batch_size, max_wait_ms, log):
     if prefix_tokens is not None:
         log(f"[prompt starts that requests share kept for reuse: "
             f"{f'up to {prefix_tokens} positions' if prefix_tokens else 'off'}]")
-    return prefix_tokens

@@ -3,8 +3,9 @@
 A decoding step multiplies a few rows (one per request in the batch) by every weight matrix of the model. torch's
 default GEMM does poorly at those few rows on an AVX2 CPU: on a 2-core AMD EPYC a 576 x 1536 projection at 8 rows
 took 325-376 us with it and 165-173 us through oneDNN with the weight reordered once for that many rows; the
-49,152 x 576 output layer 29.5 ms and 9.2 ms (bench/RESULTS.md, 2026-12-07). Prompts (hundreds of rows) run as fast
-as before or faster. The results agree to float32 rounding (the sums run in another order), not bit for bit.
+49,152 x 576 output layer 29.5 ms and 9.2 ms (bench/RESULTS.md, 2026-12-07). Prompts (hundreds of rows) run within
+a few percent of torch's GEMM either way. The results agree to float32 rounding (the sums run in another order), not
+bit for bit.
 
 pack_linears keeps every module and weight as it is (state dicts, tied embeddings, peft wrappers see nothing new)
 and gives each chosen nn.Linear a forward that uses its packed copy, which costs one more copy of those weights in

@@ -91,16 +91,16 @@ class PrefixStore:
 
 
 def seed(cache, entry, length, rows):
-    """Put an entry's first `length` keys and values into an empty cache, once per row."""
+    """Put an entry's first `length` keys and values into an empty cache, once per row (the cache's update copies
+    the expanded views into its own buffers)."""
     for i, (keys, values) in enumerate(entry.layers):
-        cache.update(keys[:, :, :length].expand(rows, -1, -1, -1).contiguous(),
-                     values[:, :, :length].expand(rows, -1, -1, -1).contiguous(), i)
+        cache.update(keys[:, :, :length].expand(rows, -1, -1, -1), values[:, :, :length].expand(rows, -1, -1, -1), i)
 
 
 def row_layers(cache, row, columns):
     """Keys and values of one row of a cache at the given columns (a LongTensor), per layer, as [1, h, n, d]."""
-    return [(layer.keys[row:row + 1].index_select(2, columns).clone(),
-             layer.values[row:row + 1].index_select(2, columns).clone()) for layer in cache.layers]
+    return [(layer.keys[row:row + 1].index_select(2, columns), layer.values[row:row + 1].index_select(2, columns))
+            for layer in cache.layers]  # index_select copies: the entry shares no memory with the cache
 
 
 def columns_of(prefix, width, prompt_len, n, device=None):
