@@ -4,6 +4,7 @@ Run by hand, not in CI:
 
     .venv/bin/python bench/train_ablation.py             # embedded SmolLM2-135M, real CoT rows, 8 reps (~5 min)
     .venv/bin/python bench/train_ablation.py --reps 2    # shorter
+    .venv/bin/python bench/train_ablation.py --compile   # + our path with torch.compile'd decoder layers
 
 The model, LoRA (r=8, alpha 16, dropout 0.05 on q_proj/v_proj) and rows are built exactly as uniform_finetune.py
 builds them (utils.train.build_run); then each configuration runs forward + backward of the same 8-sample batches,
@@ -46,6 +47,7 @@ FP32_CONFIGS = {
     "fp32 (no autocast)": None,
     "none of them": (False, False, False, "sdpa", 8),
 }
+COMPILED = "torch.compile'd layers"
 
 
 def main(argv=None):
@@ -55,6 +57,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=64, help="rows to draw the batches from")
     ap.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m-instruct)")
     ap.add_argument("--quick", action="store_true", help="smoke run on a tiny random llama")
+    ap.add_argument("--compile", action="store_true",
+                    help="add our path with every decoder layer under torch.compile (dynamic shapes); its compile "
+                         "time is printed apart")
     a = ap.parse_args(argv)
 
     import torch
@@ -68,7 +73,9 @@ def main(argv=None):
         from train_throughput import quick_model
 
         a.model = str(quick_model(tempfile.mkdtemp()))
-    configs = BF16_CONFIGS if cpu_has_bf16() else FP32_CONFIGS
+    configs = dict(BF16_CONFIGS if cpu_has_bf16() else FP32_CONFIGS)
+    if a.compile:
+        configs[COMPILED] = configs["ours (default)"]
 
     files = [COT / "creak_train.json", COT / "ecqa_train.json"]
     data = [f"{f}:{a.n // 2}" for f in files] if all(f.is_file() for f in files) else [f"arith_sample:{a.n}"]
@@ -83,8 +90,12 @@ def main(argv=None):
     padded = PadCollator(pad)
     model.train()
 
-    def step(samples, cfg):
+    layers = hf.model.layers
+
+    def step(samples, cfg, compiled=False):
         packed, selective, bf16, attn, micro = cfg
+        for layer in layers:  # nn.Module.compile() sets _compiled_call_impl; None is the eager call again
+            layer._compiled_call_impl = compiled_calls[layer] if compiled else None
         hf.set_attn_implementation(attention[attn])
         ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         trained = sum(sum(t != -100 for t in s["labels"][1:]) for s in samples)
@@ -111,13 +122,21 @@ def main(argv=None):
     print(f"bench: {len(rows)} rows of {' '.join(data)}; batches of 8; {a.reps} reps; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}", flush=True)
     step([rows[i] for i in range(8)], configs[names[0]])  # warm-up
+    compiled_calls = {}
+    if a.compile:
+        for layer in layers:
+            layer.compile(dynamic=True)
+            compiled_calls[layer] = layer._compiled_call_impl
+        t0 = time.perf_counter()
+        step([rows[i] for i in range(8)], configs[COMPILED], compiled=True)
+        print(f"{COMPILED}: the first step (compiling) took {time.perf_counter() - t0:.1f} s", flush=True)
     for rep in range(a.reps):
         start = (rep * 8) % max(len(rows) - 8, 1)
         samples = [rows[i] for i in range(start, start + 8)]
         useful.append(sum(len(s["input_ids"]) for s in samples))
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
         for name in order:
-            times[name].append(step(samples, configs[name]))
+            times[name].append(step(samples, configs[name], compiled=name == COMPILED))
     hf.set_attn_implementation("sdpa")
     tokens = sum(useful)
     base = tokens / sum(times[names[0]])
