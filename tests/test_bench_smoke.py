@@ -46,3 +46,14 @@ def test_train_ablation_quick(tiny_llama_dir):
     configs = BF16_CONFIGS if cpu_has_bf16() else FP32_CONFIGS  # the bench picks its set by the CPU kind, so do we
     assert [line.split("  ")[0] for line in table[1:]] == list(configs)
     assert table[1].startswith("ours (default)") and table[1].split()[-1] == "1.00"
+
+
+def test_gemm_in_step_quick(tiny_llama_dir):
+    res = _run("bench/gemm_in_step.py", "--reps", "1", "--n", "16", "--model", tiny_llama_dir, "--min_weights", "1")
+    lines = res.stdout[res.stdout.index("nn.Linear (torch)"):].splitlines()
+    assert [line[:26].strip() for line in lines] == ["nn.Linear (torch)", "timed, torch.mm (MKL)",
+                                                     "timed, numpy (OpenBLAS)"]
+    assert all("GFLOP/s" in line and " 0 GFLOP/s" not in line for line in lines[1:])
+    assert "0 frozen linear layers" not in res.stdout
+    diff = float(res.stdout.split("numpy (OpenBLAS) vs nn.Linear: max abs diff ")[1].split()[0])
+    assert diff < 1e-4  # the timed GEMMs compute the same step
