@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 COT = ROOT.parent / "shared" / "data" / "cot"
 
+PER_SAMPLE = "per_sample_causal"  # the attention experiment below, registered only by this bench
 # name: (packing, logits only at trained positions, bf16 autocast, attention while training, samples per pass)
 BF16_CONFIGS = {
     "ours (default)": (True, True, True, "fp32_sdpa", 4),
@@ -42,12 +43,52 @@ FP32_CONFIGS = {
     "passes of 2": (True, True, False, "sdpa", 2),
     "sdpa in bf16": None,
     "eager attention": (True, True, False, "eager", 4),
+    "per-sample attention": (True, True, False, PER_SAMPLE, 4),
     "no packing (padded)": (False, True, False, "sdpa", 4),
     "full logits": (True, False, False, "sdpa", 4),
     "fp32 (no autocast)": None,
     "none of them": (False, False, False, "sdpa", 8),
 }
 COMPILED = "torch.compile'd layers"
+
+
+def per_sample_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Packed rows without a mask: one causal sdpa call per packed sample (positions restart at 0 where a sample
+    starts), so the kernel skips the key blocks after each query block instead of masking a whole row x row square."""
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    pos = kwargs["position_ids"]
+    rows = []
+    for b in range(query.shape[0]):
+        starts = (pos[b] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+        rows.append(torch.cat([sdpa(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                    dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=True)
+                               for s, e in zip(starts, starts[1:]) if e > s], dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def attention_agreement(hf, batch, names):
+    """(max abs difference, max abs value) of the logits of one packed batch under two attention implementations."""
+    import torch
+
+    logits = []
+    hf.eval()
+    with torch.no_grad():
+        for name in names:
+            hf.set_attn_implementation(name)
+            logits.append(hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits)
+    hf.train()
+    return (logits[0] - logits[1]).abs().max().item(), logits[0].abs().max().item()
+
+
+def register_per_sample():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PER_SAMPLE, per_sample_attention)
+    AttentionMaskInterface.register(PER_SAMPLE, lambda *args, **kwargs: None)  # no mask: the calls are per sample
+    return PER_SAMPLE
 
 
 def main(argv=None):
@@ -85,7 +126,8 @@ def main(argv=None):
         *(["--model_name_or_path", a.model] if a.model else [])]))
     model, rows, pad = run.trainer.model, run.train, run.tokenizer.pad_token_id
     hf = model.get_base_model()
-    attention = {"fp32_sdpa": packing.register_fp32_sdpa(), "sdpa": "sdpa", "eager": "eager"}
+    attention = {"fp32_sdpa": packing.register_fp32_sdpa(), "sdpa": "sdpa", "eager": "eager",
+                 PER_SAMPLE: register_per_sample()}
     pack = packing.PackingCollator(pad, 256, packing.attention_cost_per_position(hf.config))
     padded = PadCollator(pad)
     model.train()
@@ -122,6 +164,9 @@ def main(argv=None):
     print(f"bench: {len(rows)} rows of {' '.join(data)}; batches of 8; {a.reps} reps; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}", flush=True)
     step([rows[i] for i in range(8)], configs[names[0]])  # warm-up
+    diff, size = attention_agreement(hf, pack([rows[i] for i in range(8)]), ["sdpa", attention[PER_SAMPLE]])
+    print(f"per-sample causal attention vs sdpa with the packed mask: logits max abs diff {diff:.1e} (logits up to "
+          f"{size:.1f})", flush=True)
     compiled_calls = {}
     if a.compile:
         for layer in layers:

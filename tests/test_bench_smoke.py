@@ -46,6 +46,8 @@ def test_train_ablation_quick(tiny_llama_dir):
     configs = BF16_CONFIGS if cpu_has_bf16() else FP32_CONFIGS  # the bench picks its set by the CPU kind, so do we
     assert [line.split("  ")[0] for line in table[1:]] == list(configs)
     assert table[1].startswith("ours (default)") and table[1].split()[-1] == "1.00"
+    diff, size = res.stdout.split("with the packed mask: logits max abs diff ")[1].split(")")[0].split(" (logits up to ")
+    assert float(diff) < 1e-5 * max(float(size), 1.0)  # the per-sample attention computes the packed mask's attention
 
 
 def test_gemm_in_step_quick(tiny_llama_dir):
