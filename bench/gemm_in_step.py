@@ -20,13 +20,11 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import argparse  # noqa: E402  (the two variables above must be set before torch and numpy start their threads)
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-COT = ROOT.parent / "shared" / "data" / "cot"
 TIMED = {"mkl": [0.0, 0], "openblas": [0.0, 0]}  # seconds, FLOPs
 
 
@@ -68,26 +66,15 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
-def build(a):
-    """The run uniform_finetune.py builds for the ablation's workload (utils.train.build_run)."""
-    from utils.args import parse_finetune_args
-    from utils.train import build_run
-
-    files = [COT / "creak_train.json", COT / "ecqa_train.json"]
-    return build_run(*parse_finetune_args([
-        "--data", *[f"{f}:{a.n // 2}" for f in files], "--cutoff_len", "256", "--per_gpu_train_batch_size", "8",
-        "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj",
-        "--output_dir", tempfile.mkdtemp(), "--bf16", "off", *(["--model_name_or_path", a.model] if a.model else [])]))
-
-
 def main(argv=None):
     a = parse(argv)
     import numpy as np
     import torch
+    from train_ablation import build_workload
 
     from utils import packing
 
-    run = build(a)
+    run = build_workload(a.n, a.model, ["--bf16", "off"])[0]
     model, rows = run.trainer.model, run.train
     hf = model.get_base_model()
     pack = packing.PackingCollator(run.tokenizer.pad_token_id, 256, packing.attention_cost_per_position(hf.config))

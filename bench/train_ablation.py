@@ -68,6 +68,19 @@ def per_sample_attention(module, query, key, value, attention_mask, dropout=0.0,
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
+def build_workload(n, model=None, extra=()):
+    """(run, data specs): the ablation's workload built as uniform_finetune.py builds it (utils.train.build_run)."""
+    from utils.args import parse_finetune_args
+    from utils.train import build_run
+
+    files = [COT / "creak_train.json", COT / "ecqa_train.json"]
+    data = [f"{f}:{n // 2}" for f in files] if all(f.is_file() for f in files) else [f"arith_sample:{n}"]
+    return build_run(*parse_finetune_args([
+        "--data", *data, "--cutoff_len", "256", "--per_gpu_train_batch_size", "8", "--lora_r", "8", "--lora_alpha",
+        "16", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", tempfile.mkdtemp(),
+        *(["--model_name_or_path", model] if model else []), *extra])), data
+
+
 def attention_agreement(hf, batch, names):
     """(max abs difference, max abs value) of the logits of one packed batch under two attention implementations."""
     import torch
@@ -106,9 +119,8 @@ def main(argv=None):
     import torch
 
     from utils import packing
-    from utils.args import parse_finetune_args
     from utils.peft_methods import cpu_has_bf16
-    from utils.train import PadCollator, build_run
+    from utils.train import PadCollator
 
     if a.quick and not a.model:
         from train_throughput import quick_model
@@ -118,12 +130,7 @@ def main(argv=None):
     if a.compile:
         configs[COMPILED] = configs["ours (default)"]
 
-    files = [COT / "creak_train.json", COT / "ecqa_train.json"]
-    data = [f"{f}:{a.n // 2}" for f in files] if all(f.is_file() for f in files) else [f"arith_sample:{a.n}"]
-    run = build_run(*parse_finetune_args([
-        "--data", *data, "--cutoff_len", "256", "--per_gpu_train_batch_size", "8", "--lora_r", "8", "--lora_alpha",
-        "16", "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", tempfile.mkdtemp(),
-        *(["--model_name_or_path", a.model] if a.model else [])]))
+    run, data = build_workload(a.n, a.model)
     model, rows, pad = run.trainer.model, run.train, run.tokenizer.pad_token_id
     hf = model.get_base_model()
     attention = {"fp32_sdpa": packing.register_fp32_sdpa(), "sdpa": "sdpa", "eager": "eager",
